@@ -1,0 +1,1 @@
+"""Triton kernels behind ``backend="fused"`` (installed as ``l4lab.kernels``); filled by the kernels work."""

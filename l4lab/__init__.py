@@ -1,0 +1,24 @@
+"""l4lab: learn how Llama 4 works by building it, running it and looking inside it."""
+
+from l4lab.cache import KVCache
+from l4lab.config import Config, LayerSpec, RopeScaling, count_params, preset, preset_names
+from l4lab.interop import config_from_transformers, from_transformers, load_pretrained, to_transformers_config
+from l4lab.model import Llama4, Llama4Output, RoutingRecord
+
+__all__ = [
+    "Config",
+    "KVCache",
+    "LayerSpec",
+    "Llama4",
+    "Llama4Output",
+    "RopeScaling",
+    "RoutingRecord",
+    "config_from_transformers",
+    "count_params",
+    "from_transformers",
+    "load_pretrained",
+    "preset",
+    "preset_names",
+    "to_transformers_config",
+]
+__version__ = "0.1.0"

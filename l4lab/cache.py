@@ -1,0 +1,73 @@
+"""The KV cache: what each layer keeps of past keys and values so that decoding one token is cheap.
+
+Global layers (NoPE layers under iRoPE, every layer under RoPE) keep every past key: memory grows with
+the context. Chunked layers keep only the keys of the CURRENT chunk, because no later query can see
+an earlier chunk: their memory is bounded by the chunk size (at most C - 1 keys between steps), which is
+what makes Llama 4's 10M-token context affordable on three layers out of four.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from l4lab.config import LayerSpec
+
+
+class LayerCache:
+    """Past keys and values [B, Hkv, S, D] of one layer, starting at absolute position ``start``."""
+
+    def __init__(self, chunk_size: int | None) -> None:
+        self.chunk_size = chunk_size
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
+        self.start = 0
+
+    def update(self, keys: Tensor, values: Tensor, position: int) -> tuple[Tensor, Tensor, int]:
+        """Append the new keys/values (at absolute ``position``); return all visible ones and their start.
+
+        Afterwards, keep only what a later query can still see: everything on a global layer, the keys from
+        the start of the current chunk on a chunked layer (none when the new tokens end exactly on a
+        chunk boundary).
+        """
+        if self.keys is None:
+            all_keys, all_values, start = keys, values, position
+        else:
+            all_keys = torch.cat([self.keys, keys], dim=2)
+            all_values = torch.cat([self.values, values], dim=2)
+            start = self.start
+        end = position + keys.shape[2]
+        if self.chunk_size is None:
+            self.keys, self.values, self.start = all_keys, all_values, start
+        else:
+            keep_from = max(start, end // self.chunk_size * self.chunk_size)
+            # clone: a view would keep the whole concatenation alive
+            self.keys = all_keys[:, :, keep_from - start :].clone()
+            self.values = all_values[:, :, keep_from - start :].clone()
+            self.start = keep_from
+        return all_keys, all_values, start
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def nbytes(self) -> int:
+        if self.keys is None or self.values is None:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+
+class KVCache:
+    """One :class:`LayerCache` per layer, and the absolute position of the next token."""
+
+    def __init__(self, plan: list[LayerSpec]) -> None:
+        self.layers = [LayerCache(spec.chunk_size) for spec in plan]
+        self.position = 0
+
+    def lengths(self) -> list[int]:
+        """How many keys each layer holds now."""
+        return [layer.length for layer in self.layers]
+
+    def nbytes(self) -> int:
+        """Bytes held by all layers' keys and values."""
+        return sum(layer.nbytes() for layer in self.layers)
