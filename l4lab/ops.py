@@ -105,8 +105,9 @@ class Temperature:
     """Llama 4's attention temperature tuning on NoPE layers (Scalable-Softmax style).
 
     A query at absolute position p is multiplied by
-    ``log(floor((p + 1) / floor_scale) + 1) * attn_scale + 1``: exactly 1 for the first ``floor_scale - 1``
-    positions, then growing like log(p), which keeps attention sharp when a query must pick a few keys among millions.
+    ``log(floor((p + 1) / floor_scale) + 1) * attn_scale + 1``: exactly 1 for the first
+    ``floor_scale - 1`` positions, then growing like log(p), which keeps attention sharp when a query
+    must pick a few keys among millions.
     """
 
     floor_scale: float
