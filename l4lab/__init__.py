@@ -4,9 +4,12 @@ from l4lab.cache import KVCache
 from l4lab.config import Config, LayerSpec, RopeScaling, count_params, preset, preset_names
 from l4lab.interop import config_from_transformers, from_transformers, load_pretrained, to_transformers_config
 from l4lab.model import Llama4, Llama4Output, RoutingRecord
+from l4lab.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = [
+    "ByteTokenizer",
     "Config",
+    "HFTokenizer",
     "KVCache",
     "LayerSpec",
     "Llama4",
@@ -17,6 +20,7 @@ __all__ = [
     "count_params",
     "from_transformers",
     "load_pretrained",
+    "load_tokenizer",
     "preset",
     "preset_names",
     "to_transformers_config",

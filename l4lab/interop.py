@@ -267,6 +267,7 @@ class _WeightChecker:
             return False
         if tuple(shape) != self.expected[name]:
             self.misshaped.append(f"{key}: expected {self.expected[name]}, got {tuple(shape)}")
+            self.seen.add(name)  # reported as mis-shaped, not also as missing
             return False
         self.seen.add(name)
         return True

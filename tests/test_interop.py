@@ -1,0 +1,156 @@
+"""Checkpoints: save/load round trips through transformers, sharded and multimodal layouts, clear errors,
+atomic writes, no pickle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import hf_model, relative_error, transformers
+from safetensors.torch import load_file, save_file
+
+import l4lab
+from l4lab import interop
+
+IDS = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.fixture(scope="module")
+def hf() -> transformers.Llama4ForCausalLM:
+    return hf_model(seed=5, interleave_moe_layer_step=2)
+
+
+def test_save_pretrained_loads_in_transformers(hf: transformers.Llama4ForCausalLM, tmp_path: Path) -> None:
+    ours = l4lab.from_transformers(hf)
+    ours.save_pretrained(tmp_path / "ckpt")
+    reloaded = transformers.Llama4ForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
+    reloaded.config._attn_implementation = "eager"
+    assert relative_error(logits(reloaded), logits(hf)) < 1e-6
+
+
+def test_transformers_checkpoint_loads_in_l4lab(hf: transformers.Llama4ForCausalLM, tmp_path: Path) -> None:
+    hf.save_pretrained(tmp_path / "hf")
+    ours = l4lab.load_pretrained(tmp_path / "hf")
+    assert ours.config.moe_layer_step == 2
+    assert relative_error(logits(ours), logits(hf)) < 1e-5
+
+
+def test_round_trip_keeps_the_toggles(hf: transformers.Llama4ForCausalLM, tmp_path: Path) -> None:
+    ours = l4lab.from_transformers(hf)
+    ours.set_positions("rope")
+    ours.save_pretrained(tmp_path / "rope")
+    back = l4lab.load_pretrained(tmp_path / "rope")
+    assert back.config == ours.config
+    assert relative_error(logits(back), logits(ours)) == 0.0
+    # transformers reads the same model: RoPE and global attention in every layer
+    reloaded = transformers.Llama4ForCausalLM.from_pretrained(tmp_path / "rope", dtype=torch.float32).eval()
+    reloaded.config._attn_implementation = "eager"
+    assert relative_error(logits(reloaded), logits(ours)) < 1e-5
+
+
+def test_sharded_checkpoint_with_index(hf: transformers.Llama4ForCausalLM, tmp_path: Path) -> None:
+    ours = l4lab.from_transformers(hf)
+    interop.save_pretrained(ours, tmp_path / "sharded", max_shard_bytes=40_000)
+    shards = sorted((tmp_path / "sharded").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 3
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == {interop.checkpoint_key(n) for n, _ in ours.named_parameters()}
+    back = l4lab.load_pretrained(tmp_path / "sharded")
+    assert relative_error(logits(back), logits(ours)) == 0.0
+    # dtype converts while loading: the same as rounding the loaded weights afterwards
+    bf16 = l4lab.load_pretrained(tmp_path / "sharded", dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16
+    assert torch.equal(logits(bf16.float()), logits(back.to(torch.bfloat16).float()))
+
+
+def _write_multimodal(hf: transformers.Llama4ForCausalLM, path: Path) -> None:
+    """A checkpoint laid out like the published multimodal ones: text under language_model., vision beside."""
+    path.mkdir()
+    text = hf.config.to_dict()
+    (path / "config.json").write_text(json.dumps({"model_type": "llama4", "text_config": text}))
+    tensors = {f"language_model.{k}": v.contiguous() for k, v in hf.state_dict().items()}
+    tensors["vision_model.patch_embedding.linear.weight"] = torch.zeros(4, 4)
+    keys = sorted(tensors)
+    half = len(keys) // 2
+    weight_map = {}
+    for i, part in enumerate((keys[:half], keys[half:]), start=1):
+        name = f"model-{i:05d}-of-00002.safetensors"
+        save_file({k: tensors[k] for k in part}, str(path / name))
+        weight_map.update(dict.fromkeys(part, name))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def test_multimodal_layout_with_language_model_prefix(
+    hf: transformers.Llama4ForCausalLM, tmp_path: Path
+) -> None:
+    _write_multimodal(hf, tmp_path / "mm")
+    ours = l4lab.load_pretrained(tmp_path / "mm")
+    assert relative_error(logits(ours), logits(hf)) < 1e-5
+
+
+def test_key_problems_are_listed(hf: transformers.Llama4ForCausalLM, tmp_path: Path) -> None:
+    ours = l4lab.from_transformers(hf)
+    ours.save_pretrained(tmp_path / "ok")
+    weights = load_file(str(tmp_path / "ok" / "model.safetensors"))
+    del weights["model.layers.0.self_attn.q_proj.weight"]
+    weights["model.layers.9.extra.weight"] = torch.zeros(2)
+    weights["model.norm.weight"] = torch.ones(5)
+    save_file(weights, str(tmp_path / "ok" / "model.safetensors"))
+    with pytest.raises(ValueError) as error:
+        l4lab.load_pretrained(tmp_path / "ok")
+    message = str(error.value)
+    assert "missing keys ['model.layers.0.self_attn.q_proj.weight']" in message
+    assert "unexpected keys ['model.layers.9.extra.weight']" in message
+    assert "model.norm.weight: expected (64,), got (5,)" in message
+
+
+def test_pickle_checkpoints_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(l4lab.to_transformers_config(l4lab.preset("tiny"))))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(FileNotFoundError, match="never reads pickle"):
+        l4lab.load_pretrained(tmp_path)
+
+
+def test_missing_config_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        l4lab.load_pretrained(tmp_path)
+
+
+def test_save_is_atomic(
+    hf: transformers.Llama4ForCausalLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ours = l4lab.from_transformers(hf)
+    target = tmp_path / "ckpt"
+    ours.save_pretrained(target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def broken_save(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(interop, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ours.save_pretrained(target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before  # the old checkpoint is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging left behind
+    monkeypatch.undo()
+    with torch.no_grad():
+        ours.lm_head.weight.add_(1.0)
+    ours.save_pretrained(target)  # replaces the whole checkpoint
+    assert relative_error(logits(l4lab.load_pretrained(target)), logits(ours)) == 0.0
+
+
+def test_big_presets_load_on_meta_without_memory() -> None:
+    with torch.device("meta"):
+        scout = l4lab.Llama4(l4lab.preset("llama4-scout"))
+    assert sum(p.numel() for p in scout.parameters()) == l4lab.count_params(scout.config)[0]
+    assert scout.device.type == "meta"
+    config = interop.to_transformers_config(scout.config)
+    assert config["rope_parameters"]["rope_type"] == "llama3"
+    assert config["no_rope_layers"][:4] == [1, 1, 1, 0] and config["moe_layers"] == list(range(48))
