@@ -23,7 +23,7 @@ def test_token_id_outside_the_vocabulary(model: l4lab.Llama4) -> None:
 
 
 def test_float_ids(model: l4lab.Llama4) -> None:
-    with pytest.raises(TypeError, match="dtype torch.float32; token ids must be integers"):
+    with pytest.raises(TypeError, match=r"dtype torch\.float32; token ids must be integers"):
         model(torch.zeros(1, 4))
 
 
@@ -74,6 +74,6 @@ def test_bad_generation_arguments(model: l4lab.Llama4) -> None:
 
 
 def test_bad_toggle_value(model: l4lab.Llama4) -> None:
-    with pytest.raises(ValueError, match="Config.positions = 'nope'"):
+    with pytest.raises(ValueError, match=r"Config\.positions = 'nope'"):
         model.set_positions("nope")
     assert model.config.positions == "irope"

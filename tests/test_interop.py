@@ -119,7 +119,7 @@ def test_pickle_checkpoints_are_refused(tmp_path: Path) -> None:
 
 
 def test_missing_config_is_named(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
         l4lab.load_pretrained(tmp_path)
 
 
