@@ -83,11 +83,10 @@ def routed_experts(x: Tensor, expert_ids: Tensor, scores: Tensor, gate_up: Tenso
     cost grows with k, not with the number of experts.
     """
     num_tokens, top_k = expert_ids.shape
-    flat_experts = expert_ids.reshape(-1)
+    flat_experts = expert_ids.reshape(-1)  # slot s holds token s // k's (s % k)-th choice
     order = torch.argsort(flat_experts, stable=True)  # slots grouped by expert
-    token_of_slot = order // top_k
     rows_per_expert = torch.bincount(flat_experts, minlength=gate_up.shape[0]).tolist()
-    sorted_inputs = x[token_of_slot] * scores.reshape(-1)[order].unsqueeze(-1)
+    sorted_inputs = x.index_select(0, order // top_k) * scores.reshape(-1, 1).index_select(0, order)
 
     outputs = []
     for expert, rows in enumerate(sorted_inputs.split(rows_per_expert)):
@@ -95,8 +94,9 @@ def routed_experts(x: Tensor, expert_ids: Tensor, scores: Tensor, gate_up: Tenso
             continue
         gate, up = (rows @ gate_up[expert]).chunk(2, dim=-1)
         outputs.append(swiglu(gate, up) @ down[expert])
-    sorted_outputs = torch.cat(outputs)
-    return x.new_zeros(num_tokens, x.shape[-1]).index_add_(0, token_of_slot, sorted_outputs)
+    sorted_outputs = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    slot_outputs = sorted_outputs.index_select(0, torch.argsort(order))  # back to slot order
+    return slot_outputs.view(num_tokens, top_k, -1).sum(dim=1)
 
 
 # ---------------------------------------------------------------------- attention
