@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ from torch import Tensor, nn
 
 from l4lab.config import Config, RopeScaling
 from l4lab.model import Llama4
+from l4lab.storage import atomic_directory
 
 # prefixes under which published checkpoints store the text model's weights (multimodal ones first)
 _TEXT_PREFIXES = ("language_model.model.", "model.language_model.", "language_model.", "model.")
@@ -285,6 +284,14 @@ class _WeightChecker:
             raise ValueError(f"weights in {self.source} do not fit the model: " + "; ".join(problems))
 
 
+def _materialise_buffers(model: Llama4, device: str | torch.device) -> None:
+    """Buffers (the routers' selection biases) are not in checkpoints: they start at zero."""
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.is_meta:
+                module._buffers[name] = torch.zeros(buffer.shape, dtype=model.dtype, device=device)
+
+
 def from_transformers(hf_model: nn.Module) -> Llama4:
     """An l4lab model with a copy of the weights of a transformers ``Llama4ForCausalLM``
     (or of the text part of a ``Llama4ForConditionalGeneration``)."""
@@ -301,6 +308,7 @@ def from_transformers(hf_model: nn.Module) -> Llama4:
         if checker.accept(key, name, tuple(tensor.shape)):
             _set_parameter(model, name, tensor.detach().clone())
     checker.raise_if_wrong()
+    _materialise_buffers(model, model.device)
     return model.to(dtype)
 
 
@@ -345,6 +353,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
                     tensor = f.get_tensor(key)
                     _set_parameter(model, name, tensor if dtype is None else tensor.to(dtype))
     checker.raise_if_wrong()
+    _materialise_buffers(model, device)
     return model
 
 
@@ -354,8 +363,13 @@ def save_pretrained(model: Llama4, path: str | os.PathLike, max_shard_bytes: int
     Written into a temporary directory beside ``path`` and moved into place at the end, so an
     interrupted save never leaves a half-written checkpoint, and an existing one is replaced whole.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    biased = [name for name, b in model.named_buffers() if name.endswith("selection_bias") and bool(b.any())]
+    if biased:
+        raise ValueError(
+            f"routers {biased} carry a non-zero selection bias (auxiliary-loss-free balancing); transformers' "
+            "Llama 4 has no such bias, so the exported model would route differently. Save the training "
+            "checkpoint instead (l4lab.train), or train with another balancing method"
+        )
     state = {checkpoint_key(n): p.detach().contiguous().cpu() for n, p in model.named_parameters()}
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
@@ -367,31 +381,17 @@ def save_pretrained(model: Llama4, path: str | os.PathLike, max_shard_bytes: int
         shards[-1][key] = tensor
         size += nbytes
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path) as staging:
         config = to_transformers_config(model.config, model.dtype)
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if len(shards) == 1:
             save_file(shards[0], str(staging / "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, start=1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(staging / name), metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(shard, name))
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        for file in staging.iterdir():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-        if path.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, retired / path.name)
-            os.replace(staging, path)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            return
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(staging / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

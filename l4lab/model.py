@@ -169,18 +169,23 @@ class Router(nn.Module):
 
     No softmax and no renormalisation: each chosen expert's score is ``sigmoid(logit)`` on its own, and
     the unchosen experts get exactly zero. Llama 4 uses k = 1.
+
+    ``selection_bias`` [E] is DeepSeek-V3's auxiliary-loss-free balancing: it is added to the logits
+    only to CHOOSE the experts (the scores still come from the raw logits), and training nudges it
+    toward balance. It stays zero unless a trainer uses it, and published Llama 4 has none.
     """
 
     def __init__(self, dim: int, num_experts: int, top_k: int) -> None:
         super().__init__()
         self.top_k = top_k
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        self.register_buffer("selection_bias", torch.zeros(num_experts))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [N, D] -> (experts [N, k], scores [N, k], logits [N, E])."""
         logits = F.linear(x, self.weight)
-        top_logits, experts = logits.topk(self.top_k, dim=-1)
-        scores = torch.sigmoid(top_logits.float()).to(x.dtype)
+        experts = (logits + self.selection_bias).topk(self.top_k, dim=-1).indices
+        scores = torch.sigmoid(logits.gather(-1, experts).float()).to(x.dtype)
         return experts, scores, logits
 
 

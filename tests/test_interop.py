@@ -154,3 +154,13 @@ def test_big_presets_load_on_meta_without_memory() -> None:
     config = interop.to_transformers_config(scout.config)
     assert config["rope_parameters"]["rope_type"] == "llama3"
     assert config["no_rope_layers"][:4] == [1, 1, 1, 0] and config["moe_layers"] == list(range(48))
+
+
+def test_selection_bias_is_not_exported(hf: transformers.Llama4ForCausalLM, tmp_path: Path) -> None:
+    ours = l4lab.from_transformers(hf)
+    router = ours.layers[1].feed_forward.router
+    assert router.selection_bias.device.type == "cpu" and not router.selection_bias.any()
+    router.selection_bias[2] = 0.5
+    with pytest.raises(ValueError, match=r"layers\.1\.feed_forward\.router\.selection_bias"):
+        ours.save_pretrained(tmp_path / "biased")
+    assert not (tmp_path / "biased").exists()
