@@ -367,8 +367,8 @@ def save_pretrained(model: Llama4, path: str | os.PathLike, max_shard_bytes: int
     if biased:
         raise ValueError(
             f"routers {biased} carry a non-zero selection bias (auxiliary-loss-free balancing); "
-            "transformers' Llama 4 has no such bias, so the exported model would route differently. Save the training "
-            "checkpoint instead (l4lab.train), or train with another balancing method"
+            "transformers' Llama 4 has no such bias, so the exported model would route differently. "
+            "Save the training checkpoint instead (l4lab.train), or train with another balancing method"
         )
     state = {checkpoint_key(n): p.detach().contiguous().cpu() for n, p in model.named_parameters()}
     shards: list[dict[str, Tensor]] = [{}]
