@@ -43,7 +43,7 @@ def test_masked_loss_counts_only_masked_targets() -> None:
 
 
 def test_bad_train_config_names_the_field() -> None:
-    with pytest.raises(ValueError, match="TrainConfig.balance = 'softmax'"):
+    with pytest.raises(ValueError, match=r"TrainConfig\.balance = 'softmax'"):
         TrainConfig(balance="softmax")
 
 
