@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,22 @@ from torch import Tensor, nn
 from l4lab.cache import KVCache, LayerCache
 from l4lab.config import Config, LayerSpec, RopeScaling
 from l4lab.ops import EAGER, Ops, Temperature, ops_for
+
+# config fields that hold no weights: a built model can change them (see Llama4.reconfigure)
+RECONFIGURABLE = frozenset(
+    {
+        "positions",
+        "backend",
+        "attention_chunk_size",
+        "nope_layer_interval",
+        "temperature_tuning",
+        "floor_scale",
+        "attn_scale",
+        "use_qk_norm",
+        "rope_theta",
+        "rope_scaling",
+    }
+)
 
 
 # ---------------------------------------------------------------------- normalisation
@@ -286,7 +303,7 @@ class Llama4(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.reset_parameters()
-        self.set_backend(config.backend)
+        self.reconfigure()
 
     # ------------------------------------------------------------------ set-up
     @torch.no_grad()
@@ -300,17 +317,30 @@ class Llama4(nn.Module):
 
     def set_backend(self, backend: str) -> None:
         """Swap every primitive operation to ``"eager"`` (PyTorch) or ``"fused"`` (Triton) ones."""
-        ops = ops_for(backend)
-        for module in self.modules():
-            if hasattr(module, "ops"):
-                module.ops = ops
-        self.config = self.config.replace(backend=backend)
+        self.reconfigure(backend=backend)
 
     def set_positions(self, positions: str) -> None:
         """Switch between ``"irope"`` and ``"rope"`` on the same weights (QK norm has no weights)."""
-        config = self.config.replace(positions=positions)
+        self.reconfigure(positions=positions)
+
+    def reconfigure(self, **changes: Any) -> None:
+        """Change config fields that hold no weights, on the trained model, e.g. the chunk size.
+
+        Allowed: the ``positions`` and ``backend`` toggles and the attention fields (chunk size, NoPE
+        interval, temperature tuning, QK norm, RoPE theta and scaling). ``ffn`` and sizes change the
+        weights: build a new model for those.
+        """
+        unknown = sorted(set(changes) - RECONFIGURABLE)
+        if unknown:
+            raise ValueError(f"cannot reconfigure {unknown} on a built model: only {sorted(RECONFIGURABLE)}")
+        config = self.config.replace(**changes)
+        ops = ops_for(config.backend)
+        for module in self.modules():
+            if hasattr(module, "ops"):
+                module.ops = ops
         for layer, spec in zip(self.layers, config.layer_plan(), strict=True):
             layer.spec = layer.self_attn.spec = spec
+            layer.self_attn.temperature = Temperature(config.floor_scale, config.attn_scale)
         self.config = config
 
     def save_pretrained(self, path: str) -> None:

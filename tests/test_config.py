@@ -105,3 +105,18 @@ def test_config_dict_round_trip() -> None:
     assert Config.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown Config fields \\['experts'\\]"):
         Config.from_dict({"experts": 3})
+
+
+def test_reconfigure_changes_weightless_fields_only() -> None:
+    torch.manual_seed(0)
+    model = l4lab.Llama4(l4lab.preset("tiny-moe"))
+    ids = torch.randint(0, 260, (1, 150))
+    before = model(ids).logits
+    model.reconfigure(attention_chunk_size=16, floor_scale=4)
+    assert all(s.chunk_size == 16 for s in model.config.layer_plan() if s.uses_rope)
+    assert model.layers[3].self_attn.temperature.floor_scale == 4
+    assert not torch.allclose(model(ids).logits, before)
+    model.reconfigure(attention_chunk_size=64, floor_scale=32)
+    torch.testing.assert_close(model(ids).logits, before)
+    with pytest.raises(ValueError, match=r"cannot reconfigure \['ffn'\]"):
+        model.reconfigure(ffn="dense")
