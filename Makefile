@@ -26,8 +26,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# every test, then every notebook re-executed and compared with its stored outputs (strict nbval)
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests notebooks --nbval --nbval-current-env \
+		--nbval-sanitize-with notebooks/nbval_sanitize.cfg
 
 bench: $(STAMP)
 	$(PY) benchmarks/cpu_vs_transformers.py

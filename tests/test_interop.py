@@ -164,3 +164,51 @@ def test_selection_bias_is_not_exported(hf: transformers.Llama4ForCausalLM, tmp_
     with pytest.raises(ValueError, match=r"layers\.1\.feed_forward\.router\.selection_bias"):
         ours.save_pretrained(tmp_path / "biased")
     assert not (tmp_path / "biased").exists()
+
+
+def test_published_config_layout_is_understood() -> None:
+    """The fields of Scout's published config.json (legacy rope_scaling, empty no_rope_layers, an int
+    attn_temperature_tuning, a list of eos ids), nested under text_config as in the multimodal release."""
+    published = {
+        "architectures": ["Llama4ForConditionalGeneration"],
+        "model_type": "llama4",
+        "text_config": {
+            "model_type": "llama4_text",
+            "attention_bias": False,
+            "attention_chunk_size": 8192,
+            "attn_scale": 0.1,
+            "attn_temperature_tuning": 4,
+            "bos_token_id": 200000,
+            "eos_token_id": [200001, 200007, 200008],
+            "floor_scale": 8192,
+            "head_dim": 128,
+            "hidden_act": "silu",
+            "hidden_size": 5120,
+            "interleave_moe_layer_step": 1,
+            "intermediate_size": 8192,
+            "intermediate_size_mlp": 16384,
+            "max_position_embeddings": 10485760,
+            "moe_layers": None,
+            "no_rope_layers": [],
+            "num_attention_heads": 40,
+            "num_experts_per_tok": 1,
+            "num_hidden_layers": 48,
+            "num_key_value_heads": 8,
+            "num_local_experts": 16,
+            "rms_norm_eps": 1e-05,
+            "rope_scaling": {
+                "factor": 16.0,
+                "high_freq_factor": 1.0,
+                "low_freq_factor": 1.0,
+                "original_max_position_embeddings": 8192,
+                "rope_type": "llama3",
+            },
+            "rope_theta": 500000.0,
+            "tie_word_embeddings": False,
+            "torch_dtype": "bfloat16",
+            "use_qk_norm": True,
+            "vocab_size": 202048,
+        },
+    }
+    config = l4lab.config_from_transformers(published)
+    assert config == l4lab.preset("llama4-scout", eos_token_id=200001)
