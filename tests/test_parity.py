@@ -118,9 +118,13 @@ def test_flipping_to_rope_matches_a_transformers_rope_model() -> None:
         assert relative_error(ours(ids).logits, hf_irope(ids).logits) < 1e-5
 
 
-def test_randomise_really_changes_the_experts() -> None:
-    """Guard against a trivial pass: transformers' experts start at zero."""
-    fresh = transformers.Llama4ForCausalLM(hf_text_config())
-    gate_up = fresh.model.layers[0].feed_forward.experts.gate_up_proj
-    randomise(fresh)
-    assert float(gate_up.detach().abs().min()) > 0.0
+def test_randomise_reaches_every_parameter() -> None:
+    """Guard against a trivial pass: every weight, the experts' included, is redrawn before parity."""
+    model = transformers.Llama4ForCausalLM(hf_text_config())
+    with torch.no_grad():
+        model.model.layers[0].feed_forward.experts.gate_up_proj.zero_()  # the bare experts module's init
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    randomise(model)
+    for name, param in model.named_parameters():
+        assert not torch.equal(param.detach(), before[name]), name
+    assert float(model.model.layers[0].feed_forward.experts.gate_up_proj.detach().abs().min()) > 0.0
