@@ -1,0 +1,468 @@
+"""The lab checkers: they accept right answers written from scratch and reject the usual wrong ones
+with a message that says what is wrong (and never raise)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from l4lab import labs, ops, routing
+from l4lab.model import RoutingRecord, rope_angles, rope_inverse_frequencies
+
+ROOT = Path(__file__).resolve().parents[1]
+LAB_NOTEBOOKS = ROOT / "notebooks" / "labs"
+
+
+# ------------------------------------------------------------ right answers, as a student writes them
+def rms_norm(x, weight, eps):
+    x32 = x.float()
+    return (x32 / torch.sqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def rope_frequencies(head_dim, theta):
+    return theta ** (-2 * torch.arange(head_dim // 2, dtype=torch.float32) / head_dim)
+
+
+def apply_rope(x, positions, theta):
+    angles = positions.float()[:, None] * rope_frequencies(x.shape[-1], theta)[None, :]
+    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+    even, odd = x[..., 0::2].float(), x[..., 1::2].float()
+    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).type_as(x)
+
+
+def route(x, router_weight, top_k):
+    top_logits, experts = (x @ router_weight.T).topk(top_k, dim=-1)
+    return experts, torch.sigmoid(top_logits)
+
+
+def expert(z, gate_up, down):
+    gate, up = (z @ gate_up).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ down
+
+
+def moe_forward(x, router_weight, gate_up, down, shared, top_k):
+    experts, scores = route(x, router_weight, top_k)
+    out = torch.zeros_like(x)
+    for n in range(x.shape[0]):
+        for j in range(top_k):
+            out[n] += expert(scores[n, j] * x[n], gate_up[experts[n, j]], down[experts[n, j]])
+    gate, up, shared_down = shared
+    return out + (F.silu(x @ gate) * (x @ up)) @ shared_down
+
+
+def sparse_dispatch(x, experts, scores, gate_up, down):
+    flat = experts.flatten()
+    order = torch.argsort(flat)
+    tokens = order // experts.shape[1]
+    inputs = x[tokens] * scores.flatten()[order, None]
+    counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
+    outputs = [expert(rows, gate_up[e], down[e]) for e, rows in enumerate(inputs.split(counts))]
+    return torch.zeros_like(x).index_add_(0, tokens, torch.cat(outputs))
+
+
+def chunked_causal_mask(T, chunk):
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    return (j <= i) & (j // chunk == i // chunk)
+
+
+def temperature_scale(positions, floor_scale, attn_scale):
+    return torch.log(torch.floor((positions.float() + 1) / floor_scale) + 1) * attn_scale + 1
+
+
+def attention(q, k, v, chunk, temperature):
+    _, heads, length, dim = q.shape
+    if temperature is not None:
+        q = q * temperature_scale(torch.arange(length), *temperature)[:, None]
+    group = heads // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    visible = (
+        torch.ones(length, length, dtype=torch.bool).tril()
+        if chunk is None
+        else chunked_causal_mask(length, chunk)
+    )
+    logits = (q @ k.transpose(-2, -1) / math.sqrt(dim)).masked_fill(~visible, float("-inf"))
+    return torch.softmax(logits, dim=-1) @ v
+
+
+def same_expert_rate(experts):
+    return (experts[:, 1:] == experts[:, :-1]).float().mean().item()
+
+
+def load_stats(experts, num_experts):
+    counts = torch.bincount(experts.flatten(), minlength=num_experts).double()
+    load = counts / counts.sum()
+    return float(-torch.special.xlogy(load, load).sum()), float((load.max() - load.mean()) / load.mean())
+
+
+SOLUTIONS = {
+    "1.1": rms_norm,
+    "1.2": rope_frequencies,
+    "1.3": apply_rope,
+    "2.1": route,
+    "2.2": moe_forward,
+    "2.3": sparse_dispatch,
+    "3.1": chunked_causal_mask,
+    "3.2": temperature_scale,
+    "3.3": attention,
+    "4.1": same_expert_rate,
+    "4.2": load_stats,
+}
+
+
+# ------------------------------------------------------------ the same answers, from l4lab's own code
+def _record(experts, num_experts):
+    experts = experts[..., None] if experts.dim() == 2 else experts
+    b, t, _ = experts.shape
+    return RoutingRecord(0, experts, torch.ones(experts.shape), torch.zeros(b, t, num_experts))
+
+
+def _l4lab_moe(x, router_weight, gate_up, down, shared, top_k):
+    logits = x @ router_weight.T
+    experts = logits.topk(top_k, dim=-1).indices
+    scores = torch.sigmoid(logits.gather(-1, experts))
+    gate, up, shared_down = shared
+    return ops.routed_experts(x, experts, scores, gate_up, down) + ops.swiglu(x @ gate, x @ up) @ shared_down
+
+
+def _l4lab_load_stats(experts, num_experts):
+    load = routing.expert_load(_record(experts, num_experts), num_experts)
+    return routing.load_entropy(load), routing.max_violation(load)
+
+
+FROM_L4LAB = {
+    "1.1": ops.rms_norm,
+    "1.2": rope_inverse_frequencies,
+    "1.3": lambda x, p, theta: ops.apply_rope(
+        x, rope_angles(p, rope_inverse_frequencies(x.shape[-1], theta))
+    ),
+    "2.2": _l4lab_moe,
+    "2.3": ops.routed_experts,
+    "3.1": lambda t, c: ops.visibility_mask(0, t, 0, t, c),
+    "3.2": lambda p, f, a: ops.Temperature(f, a).scales(p),
+    "3.3": lambda q, k, v, c, t: ops.attention(q, k, v, 0, 0, c, t and ops.Temperature(*t), True)[0],
+    "4.1": lambda e: routing.same_expert_rate(_record(e, int(e.max()) + 1))[0],
+    "4.2": _l4lab_load_stats,
+}
+
+
+@pytest.mark.parametrize("step", sorted(SOLUTIONS))
+def test_a_right_answer_written_from_scratch_passes(step):
+    result = labs.check(step, SOLUTIONS[step])
+    assert result.passed, result.message
+    assert result.message.startswith(f"✓ {step} passed: 6 cases")
+    assert result.cases == 6 and result.failed_case is None
+    assert bool(result)
+
+
+@pytest.mark.parametrize("step", sorted(FROM_L4LAB))
+def test_l4lab_itself_passes(step):
+    result = labs.check(step, FROM_L4LAB[step])
+    assert result.passed, result.message
+
+
+def test_steps_list_every_step_with_a_description():
+    lines = labs.steps()
+    assert [line.split()[0] for line in lines] == list(SOLUTIONS)
+    assert lines[0].startswith("1.1  rms_norm(x, weight, eps) — ")
+    assert all(len(line.split(" — ", 1)[1]) > 20 for line in lines)
+    assert labs.steps("2") == labs.steps("router_moe") == lines[3:6]
+    assert labs.check("router_moe.1", route).passed  # the lab's name works as well as its number
+
+
+# ---------------------------------------------------------------------- wrong answers
+def rms_eps_outside(x, weight, eps):
+    return x / (x.pow(2).mean(-1, keepdim=True).sqrt() + eps) * weight
+
+
+def rope_rotate_half(x, positions, theta):
+    angles = positions.float()[:, None] * rope_frequencies(x.shape[-1], theta)
+    cos = torch.cat([angles.cos()] * 2, -1)[None, :, None, :]
+    sin = torch.cat([angles.sin()] * 2, -1)[None, :, None, :]
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+def route_softmax(x, router_weight, top_k):
+    scores, experts = torch.softmax(x @ router_weight.T, dim=-1).topk(top_k, dim=-1)
+    return experts, scores
+
+
+def route_renormalised(x, router_weight, top_k):
+    experts, scores = route(x, router_weight, top_k)
+    return experts, scores / scores.sum(-1, keepdim=True)
+
+
+def moe_score_on_output(x, router_weight, gate_up, down, shared, top_k):
+    experts, scores = route(x, router_weight, top_k)
+    out = torch.zeros_like(x)
+    for n in range(x.shape[0]):
+        for j in range(top_k):
+            out[n] += scores[n, j] * expert(x[n], gate_up[experts[n, j]], down[experts[n, j]])
+    gate, up, shared_down = shared
+    return out + (F.silu(x @ gate) * (x @ up)) @ shared_down
+
+
+def moe_renormalised(x, router_weight, gate_up, down, shared, top_k):
+    experts, scores = route_renormalised(x, router_weight, top_k)
+    out = torch.zeros_like(x)
+    for n in range(x.shape[0]):
+        for j in range(top_k):
+            out[n] += expert(scores[n, j] * x[n], gate_up[experts[n, j]], down[experts[n, j]])
+    gate, up, shared_down = shared
+    return out + (F.silu(x @ gate) * (x @ up)) @ shared_down
+
+
+def dispatch_dense(x, experts, scores, gate_up, down):
+    """Right answers, but every expert multiplies every token (masked by a zero score)."""
+    out = torch.zeros_like(x)
+    for e in range(gate_up.shape[0]):
+        weight = ((experts == e) * scores).sum(-1, keepdim=True)
+        out += expert(x * weight, gate_up[e], down[e])
+    return out
+
+
+def dispatch_dense_broadcast(x, experts, scores, gate_up, down):
+    """Dense again, without a single matmul: FLOP counting sees nothing, the element count does."""
+    weight = torch.zeros(x.shape[0], gate_up.shape[0]).scatter_add(1, experts, scores)
+    hidden = ((x[:, None, :] * weight[:, :, None])[..., None] * gate_up[None]).sum(2)
+    gate, up = hidden.chunk(2, dim=-1)
+    return ((F.silu(gate) * up)[..., None] * down[None]).sum(2).sum(1)
+
+
+def mask_sliding_window(T, chunk):
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    return (j <= i) & (j > i - chunk)
+
+
+def mask_not_causal(T, chunk):
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    return j // chunk == i // chunk
+
+
+def temperature_relative(positions, floor_scale, attn_scale):
+    return temperature_scale(torch.arange(len(positions)), floor_scale, attn_scale)
+
+
+def attention_not_causal(q, k, v, chunk, temperature):
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    logits = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if chunk is not None:
+        i, j = torch.arange(q.shape[2])[:, None], torch.arange(q.shape[2])[None, :]
+        logits = logits.masked_fill(j // chunk != i // chunk, float("-inf"))
+    return torch.softmax(logits, dim=-1) @ v
+
+
+def attention_gqa_repeat(q, k, v, chunk, temperature):
+    group = q.shape[1] // k.shape[1]
+    return attention(q, k.repeat(1, group, 1, 1), v.repeat(1, group, 1, 1), chunk, temperature)
+
+
+def rate_across_sequences(experts):
+    flat = experts.flatten()
+    return (flat[1:] == flat[:-1]).float().mean().item()
+
+
+def load_stats_nan(experts, num_experts):
+    counts = torch.bincount(experts.flatten(), minlength=num_experts).double()
+    p = counts / counts.sum()
+    return float(-(p * p.log()).sum()), float((p.max() - p.mean()) / p.mean())
+
+
+def load_stats_dropping_idle_experts(experts, num_experts):
+    counts = torch.bincount(experts.flatten()).double()
+    p = counts / counts.sum()
+    return float(-torch.special.xlogy(p, p).sum()), float((p.max() - p.mean()) / p.mean())
+
+
+WRONG = [
+    ("1.1", rms_eps_outside, 4, "eps goes INSIDE the square root"),
+    ("1.3", rope_rotate_half, 1, "Llama 4 pairs (2i, 2i+1), not (i, i+D/2)"),
+    ("2.1", route_softmax, 1, "no softmax"),
+    ("2.1", route_renormalised, 1, "do not renormalise"),
+    ("2.2", moe_score_on_output, 1, "the score scales the expert's INPUT"),
+    ("2.2", moe_renormalised, 1, "do not renormalise"),
+    ("3.1", mask_sliding_window, 1, "chunks are fixed blocks: position 8 with C=8 sees only itself"),
+    ("3.1", mask_not_causal, 1, "j <= i"),
+    ("3.2", temperature_relative, 2, "ABSOLUTE positions"),
+    ("3.3", attention_not_causal, 1, "attention is causal"),
+    ("3.3", attention_gqa_repeat, 1, "repeat_interleave"),
+    ("4.1", rate_across_sequences, 1, "pairs never cross from one sequence to the next"),
+    ("4.2", load_stats_nan, 2, "0 * ln 0 counts as 0"),
+    ("4.2", load_stats_dropping_idle_experts, 2, "minlength=num_experts"),
+]
+
+
+@pytest.mark.parametrize(("step", "fn", "case_number", "hint"), WRONG, ids=[w[1].__name__ for w in WRONG])
+def test_a_typical_mistake_fails_with_its_hint(step, fn, case_number, hint):
+    result = labs.check(step, fn)
+    assert not result.passed
+    assert result.failed_case == case_number, result.message
+    assert result.message.startswith(f"✗ {step} failed on case {case_number} of 6: ")
+    assert hint in result.message, result.message
+    assert f'labs.case("{step}", {case_number})' in result.message
+
+
+def test_the_failure_message_shows_expected_and_received_values():
+    message = labs.check("1.1", rms_eps_outside).message
+    assert "inputs: x=float32 [2, 3, 8], weight=float32 [8], eps=1e-05" in message
+    expected = labs.case("1.1", 4)["expected"]
+    assert f"expected {expected[0, 0, 0].item():.4f}" in message
+    assert "expected output[0, 0][...] = [" in message and "got      output[0, 0][...] = [" in message
+    mask = labs.check("3.1", mask_sliding_window).message
+    assert "row 8 (query 8, # = visible)" in mask
+    assert "expected ........#......." in mask and "got      .########......." in mask
+
+
+@pytest.mark.parametrize("fn", [dispatch_dense, dispatch_dense_broadcast])
+def test_a_dense_dispatch_is_right_but_fails_for_not_being_sparse(fn):
+    for number in range(1, 7):
+        example = labs.case("2.3", number)
+        assert torch.allclose(fn(**example["inputs"]), example["expected"], atol=1e-5)  # right answers
+    result = labs.check("2.3", fn)
+    assert not result.passed
+    assert "grows with the number of experts" in result.message
+    assert "Sort the token slots by expert" in result.message
+
+
+def test_the_sparse_check_reports_flops():
+    message = labs.check("2.3", sparse_dispatch).message
+    assert message == "✓ 2.3 passed: 6 cases, and sparse: 196,608 FLOPs with 2 experts, 196,608 with 16"
+
+
+def test_an_exception_is_reported_with_its_case_and_line():
+    def broken(x, weight, eps):
+        scale = torch.rsqrt(x.pow(2).mean(-1) + eps)
+        return x * scale * weight  # [B, T, D] * [B, T]: broadcasts wrongly
+
+    result = labs.check("1.1", broken)
+    assert not result.passed
+    assert result.message.startswith("✗ 1.1 failed on case 1 of 6: batch 2, 5 tokens, dim 16")
+    assert "your function raised RuntimeError: The size of tensor a (16)" in result.message
+    assert "in broken, line " in result.message and "return x * scale * weight" in result.message
+
+
+def test_wrong_shapes_name_both_shapes():
+    result = labs.check("1.3", lambda x, p, theta: apply_rope(x, p, theta)[..., ::2])
+    assert "expected shape (2, 5, 3, 8), got (2, 5, 3, 4)" in result.message
+    result = labs.check("1.2", lambda d, theta: theta ** (-torch.arange(0, d, 1) / d))
+    assert "inv_freq: expected shape (4,), got (8,)" in result.message
+    result = labs.check("2.1", lambda x, w, k: route(x, w, k)[0])
+    assert "expected a tuple (experts, scores)" in result.message
+    result = labs.check("4.1", lambda e: (e[:, 1:] == e[:, :-1]).float().mean(1))
+    assert "expected one number, got a tensor of shape (4,)" in result.message
+
+
+def test_unfinished_missing_return_and_in_place_answers():
+    def unfinished(x, weight, eps):
+        raise NotImplementedError
+
+    message = labs.check("1.1", unfinished).message
+    assert message.startswith("✗ 1.1 not done yet: rms_norm still raises NotImplementedError")
+    assert "return` missing" in labs.check("3.1", lambda t, c: None).message
+
+    def in_place(x, weight, eps):
+        x.mul_(torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+        return x * weight
+
+    assert "changed its input x in place" in labs.check("1.1", in_place).message
+    assert "a bool tensor" in labs.check("3.1", lambda t, c: chunked_causal_mask(t, c).float()).message
+
+
+def test_unknown_steps_and_non_functions_are_answered_not_raised():
+    assert not labs.check("1.9", rms_norm).passed
+    assert "the steps are 1.1, 1.2, 1.3" in labs.check("1.9", rms_norm).message
+    result = labs.check("1.1", rms_norm(torch.ones(2), torch.ones(2), 1e-5))
+    assert "pass the function itself" in result.message
+
+
+def test_result_display():
+    passed, failed = labs.check("3.1", chunked_causal_mask), labs.check("3.1", mask_sliding_window)
+    assert repr(passed) == str(passed) == "✓ 3.1 passed: 6 cases"
+    assert "color:#1a7f37" in passed._repr_html_() and "✓ 3.1 passed: 6 cases" in passed._repr_html_()
+    assert failed._repr_html_().startswith("<pre") and "#b42318" in failed._repr_html_()
+    assert "j &lt;= i" in labs.check("3.1", mask_not_causal)._repr_html_()  # escaped
+
+
+def test_cases_are_deterministic_and_reproduce_with_case():
+    first, second = labs.case("3.3", 2), labs.case("3.3", 2)
+    assert torch.equal(first["inputs"]["q"], second["inputs"]["q"])
+    assert first["label"].startswith("batch 1, 3 query heads / 1 kv head")
+    assert torch.allclose(attention(**first["inputs"]), first["expected"], atol=1e-6)
+    assert set(labs.case("2.2", 4)["inputs"]) == {"x", "router_weight", "gate_up", "down", "shared", "top_k"}
+    with pytest.raises(ValueError, match="cases 1 to 6"):
+        labs.case("1.1", 7)
+
+
+def test_the_hidden_cases_cover_the_edge_cases():
+    labels = " | ".join(labs.case(step, n)["label"] for step in SOLUTIONS for n in range(1, 7))
+    for edge in ("batch 1", "odd", "not a power of two", "does not divide", "get no token", "no token"):
+        assert edge in labels, edge
+    some_idle = labs.case("2.3", 4)["inputs"]
+    assert torch.bincount(some_idle["experts"].flatten(), minlength=8).eq(0).any()
+
+
+def test_train_tiny_moe_is_quick_and_deterministic():
+    first = labs.train_tiny_moe(steps=2, seed=3)
+    second = labs.train_tiny_moe(steps=2, seed=3)
+    assert [h["loss"] for h in first.history] == [h["loss"] for h in second.history]
+    assert len(first.history) == 2 and "val_loss" in first.history[-1]
+    assert first.data.domains is not None and first.data.tokens.shape == (64, 65)
+    with torch.no_grad():
+        records = first.model(first.data.inputs[:4]).routing
+    assert len(records) == 4 and records[0].router_logits.shape[-1] == 8
+    rate, _ = routing.same_expert_rate(records[0])
+    assert same_expert_rate(records[0].experts[..., 0]) == pytest.approx(rate)
+    assert labs.train_tiny_moe(steps=0).history == []
+
+
+# ---------------------------------------------------------------------- the notebooks
+def _cells(path):
+    return json.loads(path.read_text())["cells"]
+
+
+EXERCISES = sorted(LAB_NOTEBOOKS.glob("lab*.ipynb"))
+
+
+def test_every_lab_has_an_exercise_and_a_solution_notebook():
+    assert [p.name for p in EXERCISES] == [
+        "lab1_rmsnorm_rope.ipynb",
+        "lab2_router_moe.ipynb",
+        "lab3_chunked_attention.ipynb",
+        "lab4_routing_experiment.ipynb",
+    ]
+    for exercise in EXERCISES:
+        assert (LAB_NOTEBOOKS / "solutions" / exercise.name).exists()
+
+
+@pytest.mark.parametrize("exercise", EXERCISES, ids=[p.stem for p in EXERCISES])
+def test_exercises_match_their_solutions_except_the_answers(exercise):
+    """The exercise notebook is its solution with each answer replaced by ``raise NotImplementedError``,
+    stored without outputs; the solution is stored executed (strict nbval compares its outputs)."""
+    solution = LAB_NOTEBOOKS / "solutions" / exercise.name
+    ex_cells, sol_cells = _cells(exercise), _cells(solution)
+    assert len(ex_cells) == len(sol_cells)
+    checked = []
+    for ex, sol in zip(ex_cells, sol_cells, strict=True):
+        ex_text, sol_text = "".join(ex["source"]), "".join(sol["source"])
+        assert ex["cell_type"] == sol["cell_type"]
+        if ex["cell_type"] == "code":
+            assert ex["outputs"] == [] and ex["execution_count"] is None
+            assert sol["outputs"] and sol["execution_count"] is not None
+            assert "NotImplementedError" not in sol_text
+        if ex["cell_type"] == "code" and "raise NotImplementedError" in ex_text:
+            head, tail = ex_text.split("    raise NotImplementedError")
+            assert sol_text.startswith(head), head
+            call = tail[tail.index("labs.check(") :]
+            assert sol_text.endswith(call)
+            checked.append(call.split('"')[1])
+        elif ex_text.startswith("**Your answer"):
+            assert sol_text.startswith("**A possible answer")
+        else:
+            assert ex_text == sol_text
+    assert checked == [line.split()[0] for line in labs.steps(exercise.name[3])]
