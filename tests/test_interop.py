@@ -212,3 +212,12 @@ def test_published_config_layout_is_understood() -> None:
     }
     config = l4lab.config_from_transformers(published)
     assert config == l4lab.preset("llama4-scout", eos_token_id=200001)
+
+
+def test_saved_directory_has_the_usual_mode(hf: transformers.Llama4ForCausalLM, tmp_path: Path) -> None:
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    l4lab.from_transformers(hf).save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o777 & ~umask
