@@ -1,4 +1,5 @@
-# l4lab: `make lab` opens the notebooks, `make test` runs every check. Both set up .venv on first use.
+# l4lab: `make lab` opens the notebooks, `make test` runs every check, `make book` builds the book.
+# All set up .venv on first use.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.l4lab-installed
 #   make test TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup lab test lint bench clean
+.PHONY: setup lab test lint book browser bench clean
 
 setup: $(STAMP)
 
@@ -16,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(PY) -c "import torch" 2>/dev/null; then \
 		$(PY) -m pip install --quiet $(TORCH_SPEC); fi
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,book]"
 	touch $(STAMP)
 
 lab: $(STAMP)
@@ -26,8 +27,31 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# every test, then every notebook re-executed and compared with its stored outputs (strict nbval)
-test: lint
+# The book (book/_build/html): the notebooks rendered from their stored outputs (book/prepare.py turns
+# plotly JSON into figures drawn by the site's own plotly.js, widgets into their last state), the labs,
+# the teacher's guide and the API reference. Offline; rebuilt only when a source changed, and then in
+# full (--all: an incremental Sphinx build with no changed page skips copying book/_static).
+BOOK_HTML := book/_build/html/intro.html
+BOOK_SOURCES := $(wildcard book/*.md book/*.yml book/*.py book/api/*.md book/_static/*.css \
+	book/_static/*.svg notebooks/*.ipynb notebooks/labs/*.ipynb notebooks/labs/solutions/*.ipynb l4lab/*.py)
+
+book: $(BOOK_HTML)
+
+$(BOOK_HTML): $(STAMP) $(BOOK_SOURCES)
+	$(PY) book/prepare.py
+	$(VENV)/bin/jupyter-book build --all book
+	touch $(BOOK_HTML)
+
+# tests/test_book.py opens the book in Debian's chromium; installed here where missing and we are root
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+		else echo "no chromium on the PATH and not root: tests/test_book.py will skip"; fi; }
+
+# every test (the book in a browser too), then every notebook re-executed and compared with its stored
+# outputs (strict nbval)
+test: lint book browser
 	$(PY) -m pytest -q tests notebooks --nbval --nbval-current-env \
 		--nbval-sanitize-with notebooks/nbval_sanitize.cfg
 
@@ -35,4 +59,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/cpu_vs_transformers.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache book/_build book/notebooks book/_static/plotly.min.js

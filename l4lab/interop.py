@@ -3,19 +3,19 @@
 l4lab's parameter names are those of transformers' ``Llama4ForCausalLM`` without the ``model.`` prefix,
 so converting is a matter of configuration fields and key prefixes:
 
-===============================  ===========================================
-l4lab ``Config``                 transformers ``Llama4TextConfig``
-===============================  ===========================================
-``num_layers``                   ``num_hidden_layers``
-``num_heads`` / ``num_kv_heads`` ``num_attention_heads`` / ``num_key_value_heads``
-``moe_intermediate_size``        ``intermediate_size`` (routed and shared experts)
-``dense_intermediate_size``      ``intermediate_size_mlp`` (dense layers)
-``num_experts`` / ``top_k``      ``num_local_experts`` / ``num_experts_per_tok``
-``moe_layer_step``               ``interleave_moe_layer_step`` (or ``moe_layers``)
-``nope_layer_interval``          ``no_rope_layer_interval`` (or ``no_rope_layers``, 1 = uses RoPE)
-``temperature_tuning``           ``attn_temperature_tuning``
-``rope_theta``, ``rope_scaling`` ``rope_parameters`` (or ``rope_theta`` + ``rope_scaling``)
-===============================  ===========================================
+====================================  ============================================================
+l4lab ``Config``                      transformers ``Llama4TextConfig``
+====================================  ============================================================
+``num_layers``                        ``num_hidden_layers``
+``num_heads`` / ``num_kv_heads``      ``num_attention_heads`` / ``num_key_value_heads``
+``moe_intermediate_size``             ``intermediate_size`` (routed and shared experts)
+``dense_intermediate_size``           ``intermediate_size_mlp`` (dense layers)
+``num_experts`` / ``top_k``           ``num_local_experts`` / ``num_experts_per_tok``
+``moe_layer_step``                    ``interleave_moe_layer_step`` (or ``moe_layers``)
+``nope_layer_interval``               ``no_rope_layer_interval`` (or ``no_rope_layers``, 1 = uses RoPE)
+``temperature_tuning``                ``attn_temperature_tuning``
+``rope_theta``, ``rope_scaling``      ``rope_parameters`` (or ``rope_theta`` + ``rope_scaling``)
+====================================  ============================================================
 
 Only safetensors are read: pickle files can run code when loaded.
 """

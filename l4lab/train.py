@@ -1,6 +1,6 @@
 """Training tiny Llama 4s on the CPU: AdamW, warm-up + cosine, clipping, MoE balancing, exact resume.
 
-One optimisation step:
+One optimisation step::
 
     logits  = model(batch[:, :-1])
     loss    = cross_entropy(logits, batch[:, 1:])          (only where the dataset's loss_mask says)

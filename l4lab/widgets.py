@@ -13,8 +13,9 @@ function                    what it draws
 :func:`routing_explorer` and :func:`attention_explorer` wire controls to them. On every change the
 explorer builds a fresh ``go.Figure`` and shows it in a ``widgets.Output`` (no ``go.FigureWidget``: that
 needs the ``anywidget`` package). The explorer returned is an :class:`Explorer`, a ``VBox`` that also
-keeps its current figures as plain plotly Figures (``explorer.figure``), so a static page such as the
-book, where no kernel runs the callbacks, can still show the last state.
+keeps its current figures as plain plotly Figures (``explorer.figure``) and puts them in its display
+bundle as plotly JSON beside the widget view, so a static page such as the book, where no kernel runs
+the callbacks, can still show the last state.
 
 Everything works headless too (in pytest the widgets' comm falls back to a dummy): setting a control's
 ``.value`` runs the callbacks at once, and ``explorer.figure`` changes with it::
@@ -47,6 +48,7 @@ from l4lab.routing import expert_load
 from l4lab.tokenizer import ByteTokenizer
 
 PLOTLY_MIMETYPE = "application/vnd.plotly.v1+json"
+FIGURES_MIMETYPE = "application/vnd.l4lab.figures+json"  # every figure of an Explorer, for static pages
 
 __all__ = [
     "Explorer",
@@ -139,6 +141,23 @@ class Explorer(widgets.VBox):
     def figure(self) -> go.Figure:
         """The first (main) figure as it is now."""
         return next(iter(self.figures.values()))
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        """The widget's usual bundle, plus its current figure(s) as plain plotly JSON.
+
+        A front end with a widget manager (JupyterLab) shows the live widget; one without (a static
+        page, the book, GitHub) can still draw the last state: ``application/vnd.plotly.v1+json``
+        holds the first figure, and when there are several, ``application/vnd.l4lab.figures+json``
+        holds them all, ``{"figures": [plotly JSON, ...]}`` in display order.
+        """
+        bundle = dict(super()._repr_mimebundle_(**kwargs) or {})
+        renderer = pio.renderers["plotly_mimetype"]
+        figures = [renderer.to_mimebundle(fig.to_dict())[PLOTLY_MIMETYPE] for fig in self.figures.values()]
+        if figures:
+            bundle[PLOTLY_MIMETYPE] = figures[0]
+        if len(figures) > 1:
+            bundle[FIGURES_MIMETYPE] = {"figures": figures}
+        return bundle
 
     @contextmanager
     def hold(self) -> Iterator[None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -163,6 +164,27 @@ def test_routing_explorer_lists_the_moe_layers_and_redraws() -> None:
     assert model.config == before
     with pytest.raises(ValueError, match="no MoE layer"):
         routing_explorer(small_model(ffn="dense"), TOKENS)
+
+
+def test_the_display_bundle_carries_the_current_figures() -> None:
+    """Beside the widget view, the bundle holds the figures as they are now, as plain plotly JSON."""
+    explorer = routing_explorer(small_model(moe_layer_step=2), TOKENS)
+    explorer.controls["layer"].value = 3
+    bundle = explorer._repr_mimebundle_()
+    assert "model_id" in bundle["application/vnd.jupyter.widget-view+json"]
+    assert bundle["text/plain"].startswith("Explorer(")
+    assert bundle[PLOTLY_JSON]["layout"]["title"]["text"].startswith("Layer 3:")
+    figures = bundle[widgets.FIGURES_MIMETYPE]["figures"]
+    assert [f["layout"]["title"]["text"] for f in figures] == [
+        f.layout.title.text for f in explorer.figures.values()
+    ]
+    assert figures[0] == bundle[PLOTLY_JSON]
+    json.dumps(bundle)  # what a notebook stores: plain JSON, no numpy arrays
+
+    single = attention_explorer(small_model(), TOKENS[:, :8])._repr_mimebundle_()
+    assert single[PLOTLY_JSON]["layout"]["title"]["text"].startswith("Layer 0")
+    assert widgets.FIGURES_MIMETYPE not in single  # one figure: the plotly JSON is all of it
+    assert single[PLOTLY_JSON]["data"][0]["type"] == "heatmap"
 
 
 # ---------------------------------------------------------------------- attention explorer
