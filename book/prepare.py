@@ -12,7 +12,7 @@ STORED outputs (nothing is executed here or in the build), but two kinds of outp
   state with a line saying how to use the controls. Other widgets (tqdm's training progress bars) are
   dropped, and so is the notebook's saved widget state (myst-nb would load widget scripts from a CDN).
 
-Exercise notebooks get a link to their solution, solutions a title that says so. Files are written only
+nbval's ``# NBVAL_...`` marker lines are removed from the code shown. Exercise notebooks get a link to their solution, solutions a title that says so. Files are written only
 when their content changes, so Sphinx rebuilds only the pages that changed. Run from anywhere:
 ``python book/prepare.py``.
 """
@@ -94,6 +94,9 @@ class Converter:
         nb.metadata.pop("widgets", None)
         for cell in nb.cells:
             if cell.cell_type == "code":
+                # nbval's markers are for the test suite, not for the reader
+                lines = cell.source.splitlines()
+                cell.source = "\n".join(line for line in lines if not line.startswith("# NBVAL_"))
                 converted = (self.output(output) for output in cell.get("outputs", []))
                 cell.outputs = [output for output in converted if output is not None]
         return nb
