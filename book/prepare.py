@@ -12,7 +12,8 @@ STORED outputs (nothing is executed here or in the build), but two kinds of outp
   state with a line saying how to use the controls. Other widgets (tqdm's training progress bars) are
   dropped, and so is the notebook's saved widget state (myst-nb would load widget scripts from a CDN).
 
-nbval's ``# NBVAL_...`` marker lines are removed from the code shown. Exercise notebooks get a link to their solution, solutions a title that says so. Files are written only
+nbval's ``# NBVAL_...`` marker lines are removed from the code shown. Exercise notebooks get a link
+to their solution, solutions a title that says so. Files are written only
 when their content changes, so Sphinx rebuilds only the pages that changed. Run from anywhere:
 ``python book/prepare.py``.
 """
