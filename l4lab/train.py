@@ -194,7 +194,8 @@ class Trainer:
             while self.step_count < self.config.steps:
                 metrics = self.step()
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+                # refresh=False: update() redraws, rate-limited; a redraw per step floods a notebook
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
                 if time_limit_s is not None and time.monotonic() - started > time_limit_s:
                     break
         return self.history
