@@ -241,7 +241,8 @@ class MoE(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, RoutingRecord]:
         tokens = x.reshape(-1, x.shape[-1])  # [B*T, D]
         experts, scores, logits = self.router(tokens)
-        out = self.shared_expert(tokens) + self.experts(tokens, experts, scores)
+        out = self.shared_expert(tokens)
+        out += self.experts(tokens, experts, scores)  # in place: one [N, D] buffer fewer
         batch_time = x.shape[:-1]
         record = RoutingRecord(
             self.layer,

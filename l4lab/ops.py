@@ -96,6 +96,8 @@ def routed_experts(x: Tensor, expert_ids: Tensor, scores: Tensor, gate_up: Tenso
         outputs.append(swiglu(gate, up) @ down[expert])
     sorted_outputs = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
     slot_outputs = sorted_outputs.index_select(0, torch.argsort(order))  # back to slot order
+    if top_k == 1:  # one slot per token: slot order is token order
+        return slot_outputs
     return slot_outputs.view(num_tokens, top_k, -1).sum(dim=1)
 
 
