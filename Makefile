@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(PY) -c "import torch" 2>/dev/null; then \
 		$(PY) -m pip install --quiet $(TORCH_SPEC); fi
-	$(PY) -m pip install --quiet -e ".[dev,book]"
+	$(PY) -m pip install --quiet -e ".[dev,book,kernels]"
 	touch $(STAMP)
 
 lab: $(STAMP)
@@ -52,7 +52,7 @@ browser:
 # every test (the book in a browser too), then every notebook re-executed and compared with its stored
 # outputs (strict nbval)
 test: lint book browser
-	$(PY) -m pytest -q tests notebooks --nbval --nbval-current-env \
+	$(VENV)/bin/pytest -q tests notebooks --nbval --nbval-current-env \
 		--nbval-sanitize-with notebooks/nbval_sanitize.cfg
 
 bench: $(STAMP)

@@ -1,1 +1,62 @@
-"""Triton kernels behind ``backend="fused"`` (installed as ``l4lab.kernels``); filled by the kernels work."""
+"""Triton kernels behind ``backend="fused"``, installed as ``l4lab.kernels``.
+
+One file per operation, each holding its Triton kernel(s), the ``torch.autograd.Function`` that makes it
+trainable, and a docstring that explains the tiling. Every function here has the signature of its eager
+reference in :mod:`l4lab.ops`, which is what the tests compare it with:
+
+==================  ==========================  ===================================================
+operation           file                        kernels
+==================  ==========================  ===================================================
+``rms_norm``        ``rms_norm.py``             one row per program; backward with dW partial sums
+``rope_qk_norm``    ``rope.py``                 interleaved-pair rotation + weightless QK norm
+``swiglu``          ``swiglu.py``               ``silu(gate) * up``, elementwise
+``attention``       ``attention.py``            flash attention: GQA, causal / chunked tiles
+                                                skipped, NoPE temperature, prefill and decode
+``route``           ``moe.py``                  argmax + sigmoid per token
+``routed_experts``  ``moe.py``                  counting sort, grouped GEMMs with SwiGLU fused
+==================  ==========================  ===================================================
+
+On a machine without a CUDA GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set
+here before any kernel is defined): exact and slow, for learning and testing on small shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # must precede the @triton.jit decorators below, which read it when they run
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from l4lab.kernels.attention import attention
+from l4lab.kernels.moe import route, routed_experts
+from l4lab.kernels.rms_norm import rms_norm
+from l4lab.kernels.rope import rope_qk_norm
+from l4lab.kernels.swiglu import swiglu
+
+from l4lab.ops import Ops
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+FUSED = Ops(
+    name="fused",
+    rms_norm=rms_norm,
+    rope_qk_norm=rope_qk_norm,
+    swiglu=swiglu,
+    attention=attention,
+    route=route,
+    routed_experts=routed_experts,
+)
+
+__all__ = [
+    "FUSED",
+    "INTERPRETED",
+    "attention",
+    "rms_norm",
+    "rope_qk_norm",
+    "route",
+    "routed_experts",
+    "swiglu",
+]

@@ -197,12 +197,12 @@ class Router(nn.Module):
         self.top_k = top_k
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
         self.register_buffer("selection_bias", torch.zeros(num_experts))
+        self.ops: Ops = EAGER
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [N, D] -> (experts [N, k], scores [N, k], logits [N, E])."""
         logits = F.linear(x, self.weight)
-        experts = (logits + self.selection_bias).topk(self.top_k, dim=-1).indices
-        scores = torch.sigmoid(logits.gather(-1, experts).float()).to(x.dtype)
+        experts, scores = self.ops.route(logits, self.selection_bias, self.top_k)
         return experts, scores, logits
 
 
@@ -219,8 +219,9 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.ops: Ops = EAGER
 
-    def forward(self, x: Tensor, experts: Tensor, scores: Tensor) -> Tensor:
-        return self.ops.routed_experts(x, experts, scores, self.gate_up_proj, self.down_proj)
+    def forward(self, x: Tensor, experts: Tensor, scores: Tensor, shared: Tensor | None = None) -> Tensor:
+        """Tokens x [N, D] through their chosen experts, plus ``shared`` [N, D] if given."""
+        return self.ops.routed_experts(x, experts, scores, self.gate_up_proj, self.down_proj, shared)
 
 
 class MoE(nn.Module):
@@ -241,8 +242,7 @@ class MoE(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, RoutingRecord]:
         tokens = x.reshape(-1, x.shape[-1])  # [B*T, D]
         experts, scores, logits = self.router(tokens)
-        out = self.shared_expert(tokens)
-        out += self.experts(tokens, experts, scores)  # in place: one [N, D] buffer fewer
+        out = self.experts(tokens, experts, scores, shared=self.shared_expert(tokens))
         batch_time = x.shape[:-1]
         record = RoutingRecord(
             self.layer,

@@ -1,8 +1,9 @@
 """The primitive operations of the model, in plain PyTorch: the "eager" backend.
 
-The model calls these five functions through a table (:class:`Ops`) and nothing else that computes; the
-fused backend (``l4lab.kernels``) provides the same five functions, with the same signatures, as Triton
-kernels. Each eager function is the reference its kernel is tested against.
+The model calls these six functions through a table (:class:`Ops`) and nothing else that computes
+(besides the matmuls of its linear layers); the fused backend (``l4lab.kernels``) provides the same six
+functions, with the same signatures, as Triton kernels. Each eager function is the reference its kernel
+is tested against.
 
 ========================  =====================================================================
 ``rms_norm``              ``x / sqrt(mean(x^2) + eps) * weight``, in float32, cast back
@@ -11,6 +12,7 @@ kernels. Each eager function is the reference its kernel is tested against.
 ``swiglu``                ``silu(gate) * up``
 ``attention``             softmax(q k^T / sqrt(d)) v under a causal or chunked-causal mask, with the
                           NoPE temperature applied to q by absolute position
+``route``                 choose each token's top-k experts and score them with a sigmoid
 ``routed_experts``        send each token to its chosen experts only, scaled by its router score
 ========================  =====================================================================
 """
@@ -70,17 +72,39 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
-def routed_experts(x: Tensor, expert_ids: Tensor, scores: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
+def route(logits: Tensor, selection_bias: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """Llama 4's router decision from ``logits`` [N, E]: (experts [N, k] int64, scores [N, k]).
+
+    The experts are the top k of ``logits + selection_bias`` (the bias, zero in published Llama 4, is
+    DeepSeek-V3's auxiliary-loss-free balancing and only CHOOSES); each score is ``sigmoid`` of the raw
+    logit of its expert, on its own: no softmax, no renormalisation, unchosen experts get nothing.
+    """
+    experts = (logits + selection_bias).topk(top_k, dim=-1).indices
+    scores = torch.sigmoid(logits.gather(-1, experts).float()).to(logits.dtype)
+    return experts, scores
+
+
+def routed_experts(
+    x: Tensor,
+    expert_ids: Tensor,
+    scores: Tensor,
+    gate_up: Tensor,
+    down: Tensor,
+    shared: Tensor | None = None,
+) -> Tensor:
     """Sparse mixture-of-experts dispatch.
 
     ``x`` [N, D] tokens, ``expert_ids`` and ``scores`` [N, k] their routing, ``gate_up`` [E, D, 2I] and
     ``down`` [E, I, D] the experts' weights (gate = first I columns, up = last I). Returns [N, D]:
 
-        y_n = sum_j  expert_{e_nj}(s_nj * x_n),   expert_e(z) = (silu(z W_gate,e) * (z W_up,e)) W_down,e
+        y_n = shared_n + sum_j  expert_{e_nj}(s_nj * x_n),
+        expert_e(z) = (silu(z W_gate,e) * (z W_up,e)) W_down,e
 
     The score scales the expert's INPUT (Llama 4's choice; SwiGLU is not linear, so it is not the same as
-    scaling the output). Tokens are sorted by expert so that each expert multiplies only its own rows:
-    cost grows with k, not with the number of experts.
+    scaling the output). ``shared`` [N, D], if given, is the shared expert's output, added to the result
+    (the fused kernel adds it as it writes, instead of reading and writing a second [N, D] tensor).
+    Tokens are sorted by expert so that each expert multiplies only its own rows: cost grows with k,
+    not with the number of experts.
     """
     num_tokens, top_k = expert_ids.shape
     flat_experts = expert_ids.reshape(-1)  # slot s holds token s // k's (s % k)-th choice
@@ -96,9 +120,11 @@ def routed_experts(x: Tensor, expert_ids: Tensor, scores: Tensor, gate_up: Tenso
         outputs.append(swiglu(gate, up) @ down[expert])
     sorted_outputs = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
     slot_outputs = sorted_outputs.index_select(0, torch.argsort(order))  # back to slot order
-    if top_k == 1:  # one slot per token: slot order is token order
-        return slot_outputs
-    return slot_outputs.view(num_tokens, top_k, -1).sum(dim=1)
+    # one slot per token: slot order is token order
+    out = slot_outputs if top_k == 1 else slot_outputs.view(num_tokens, top_k, -1).sum(dim=1)
+    if shared is not None:
+        out += shared  # in place: one [N, D] buffer fewer
+    return out
 
 
 # ---------------------------------------------------------------------- attention
@@ -221,7 +247,8 @@ class Ops:
     rope_qk_norm: Callable[[Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]]
     swiglu: Callable[[Tensor, Tensor], Tensor]
     attention: Callable[..., tuple[Tensor, Tensor | None]]
-    routed_experts: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+    route: Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]
+    routed_experts: Callable[..., Tensor]
 
 
 EAGER = Ops(
@@ -230,17 +257,24 @@ EAGER = Ops(
     rope_qk_norm=rope_qk_norm,
     swiglu=swiglu,
     attention=attention,
+    route=route,
     routed_experts=routed_experts,
 )
 
 
 def ops_for(backend: str) -> Ops:
-    """The table for ``backend``: "eager" here; "fused" from ``l4lab.kernels``."""
+    """The table for ``backend``: "eager" here; "fused" from ``l4lab.kernels`` (needs Triton)."""
     if backend == "eager":
         return EAGER
     if backend == "fused":
-        raise NotImplementedError(
-            "backend='fused' needs the Triton kernels of l4lab.kernels, which are not part of this release "
-            "yet; use backend='eager'"
-        )
+        try:
+            import triton  # noqa: F401
+        except ImportError as error:
+            raise ImportError(
+                "backend='fused' needs Triton, which is not installed: pip install 'l4lab[kernels]' "
+                "(or pip install triton). Triton ships wheels for Linux only; elsewhere use backend='eager'"
+            ) from error
+        from l4lab.kernels import FUSED
+
+        return FUSED
     raise ValueError(f"backend {backend!r} is not known: 'eager' or 'fused'")
