@@ -23,12 +23,18 @@ here before any kernel is defined): exact and slow, for learning and testing on 
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    # must precede the @triton.jit decorators below, which read it when they run
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    # Triton reads it when it is imported and when each @triton.jit decorator runs: set it first
+    if "triton" in sys.modules:
+        raise ImportError(
+            "no GPU here, so the kernels must run in Triton's interpreter, but triton was imported before "
+            "l4lab.kernels without TRITON_INTERPRET=1: import l4lab.kernels first, or set TRITON_INTERPRET=1"
+        )
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from l4lab.kernels.attention import attention
 from l4lab.kernels.moe import route, routed_experts

@@ -268,13 +268,13 @@ def ops_for(backend: str) -> Ops:
         return EAGER
     if backend == "fused":
         try:
-            import triton  # noqa: F401
-        except ImportError as error:
+            from l4lab.kernels import FUSED
+        except ModuleNotFoundError as error:
+            if error.name != "triton":
+                raise
             raise ImportError(
                 "backend='fused' needs Triton, which is not installed: pip install 'l4lab[kernels]' "
                 "(or pip install triton). Triton ships wheels for Linux only; elsewhere use backend='eager'"
             ) from error
-        from l4lab.kernels import FUSED
-
         return FUSED
     raise ValueError(f"backend {backend!r} is not known: 'eager' or 'fused'")
