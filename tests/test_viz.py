@@ -319,3 +319,57 @@ def test_temperature_figure_below_the_floor_scale_is_flat() -> None:
     fig = viz.temperature_figure(floor_scale=8192, max_position=1000)
     assert (np.asarray(fig.data[0].y) == 1.0).all()
     assert len(fig.layout.shapes) == 0
+
+
+# ---------------------------------------------------------------------- kernel figures
+def tile_kinds_from_mask(length: int, chunk: int | None, block: int) -> np.ndarray:
+    """The oracle: a tile is skipped when no query sees any of its keys, unmasked when all do."""
+    visible = causal_uniform(length, chunk) > 0
+    tiles = -(-length // block)
+    kinds = np.zeros((tiles, tiles), dtype=np.int64)
+    for row in range(tiles):
+        for col in range(tiles):
+            block_visible = visible[row * block : (row + 1) * block, col * block : (col + 1) * block]
+            if block_visible.any():
+                kinds[row, col] = 1 if block_visible.all() else 2
+    return kinds
+
+
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_attention_tiles_figure_draws_the_given_tiles(chunk: int | None) -> None:
+    length, block = 32, 4
+    kinds = tile_kinds_from_mask(length, chunk, block)
+    visited = [(list(np.flatnonzero(row == 1)), list(np.flatnonzero(row == 2))) for row in kinds]
+    fig = viz.attention_tiles_figure(visited, kinds.shape[1], block, block, "tiles")
+    assert np.array_equal(np.asarray(fig.data[0].z), kinds)
+    computed, total = int((kinds > 0).sum()), kinds.size
+    assert (
+        f"{computed} of {total} tiles computed ({int((kinds == 2).sum())} with the mask)"
+        in fig.layout.title.text
+    )
+    expected = 8 * 9 // 2 if chunk is None else 4 * (2 * 3 // 2)  # a triangle, or 4 chunks of 2 x 2 tiles
+    assert computed == expected
+
+
+def test_moe_tiles_figure_has_one_bar_per_tile_and_greys_the_surplus() -> None:
+    schedule = [(0, 0, 4), (0, 4, 5), (2, 5, 9), (3, 9, 10)]  # expert 1 has no token
+    fig = viz.moe_tiles_figure(schedule, num_experts=4, num_programs=7)
+    bars = {trace.name: trace for trace in fig.data}
+    assert list(bars) == ["expert 0", "expert 2", "expert 3", "exits at once"]
+    assert sum(sum(trace.y) for name, trace in bars.items() if name != "exits at once") == 10
+    assert list(bars["exits at once"].x) == [4, 5, 6]
+    assert "1 expert(s) received no token" in fig.layout.title.text
+
+
+def test_benchmark_figure_scales_each_work_to_its_fastest_peer() -> None:
+    rows = [
+        dict(work="norm", peer="torch", ms=2.0),
+        dict(work="norm", peer="l4lab fused", ms=1.0),
+        dict(work="moe", peer="transformers", ms=52.3),
+        dict(work="moe", peer="floor", ms=6.45),
+        dict(work="moe", peer="Liger", ms=None),
+    ]
+    fig = viz.benchmark_figure(rows, "peers")
+    bar = fig.data[0]
+    assert list(bar.y) == ["norm: torch", "norm: l4lab fused", "moe: transformers", "moe: floor"]
+    assert list(bar.x) == pytest.approx([2.0, 1.0, 52.3 / 6.45, 1.0])
