@@ -36,33 +36,21 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         )
     os.environ["TRITON_INTERPRET"] = "1"
 
-from l4lab.kernels.attention import attention
-from l4lab.kernels.moe import route, routed_experts
-from l4lab.kernels.rms_norm import rms_norm
-from l4lab.kernels.rope import rope_qk_norm
-from l4lab.kernels.swiglu import swiglu
+from l4lab.kernels import attention, moe, rms_norm, rope, swiglu
 
 from l4lab.ops import Ops
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
+# the six operations of l4lab.ops.Ops, as kernels; ``l4lab.kernels.<file>`` is each one's module
 FUSED = Ops(
     name="fused",
-    rms_norm=rms_norm,
-    rope_qk_norm=rope_qk_norm,
-    swiglu=swiglu,
-    attention=attention,
-    route=route,
-    routed_experts=routed_experts,
+    rms_norm=rms_norm.rms_norm,
+    rope_qk_norm=rope.rope_qk_norm,
+    swiglu=swiglu.swiglu,
+    attention=attention.attention,
+    route=moe.route,
+    routed_experts=moe.routed_experts,
 )
 
-__all__ = [
-    "FUSED",
-    "INTERPRETED",
-    "attention",
-    "rms_norm",
-    "rope_qk_norm",
-    "route",
-    "routed_experts",
-    "swiglu",
-]
+__all__ = ["FUSED", "INTERPRETED", "attention", "moe", "rms_norm", "rope", "swiglu"]

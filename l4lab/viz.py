@@ -16,7 +16,7 @@ long context                       :func:`accuracy_vs_length_figure`, :func:`nee
                                    :func:`kv_cache_figure` (numbers: :func:`kv_cache_memory`)
 models and training                :func:`parameter_table`, :func:`loss_curves_figure`
 kernels                            :func:`attention_tiles_figure`, :func:`moe_tiles_figure`,
-                                   :func:`benchmark_figure`
+                                   :func:`benchmark_figure` (numbers: :func:`benchmark_rows`)
 =================================  ==================================================================
 """
 
@@ -831,6 +831,26 @@ def moe_tiles_figure(
         bargap=0.15,
         height=380,
     )
+
+
+def benchmark_rows(markdown: str) -> list[dict[str, Any]]:
+    """The rows of the table written by ``benchmarks/kernels.py``: work, peer and ms (None: not run).
+
+    Reads the first markdown table whose header starts ``| work | peer | time (ms) |``.
+    """
+    rows: list[dict[str, Any]] = []
+    in_table = False
+    for line in markdown.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if cells[:3] == ["work", "peer", "time (ms)"]:
+            in_table = True
+        elif in_table and line.startswith("|"):
+            if all(cell and set(cell) <= set("-:") for cell in cells):
+                continue  # the separator row
+            rows.append(dict(work=cells[0], peer=cells[1], ms=None if cells[2] == "-" else float(cells[2])))
+        elif in_table:
+            break
+    return rows
 
 
 def benchmark_figure(rows: Sequence[Mapping[str, Any]], title: str) -> go.Figure:

@@ -27,7 +27,7 @@ BOOK = Path(__file__).resolve().parents[1] / "book"
 HTML = BOOK / "_build" / "html"
 SCREENSHOTS = BOOK / "_build" / "screenshots"
 
-# Pages that must show plotly figures: the chapters 00-04 and lab 4's solution (patterns, so that a
+# Pages that must show plotly figures: the chapters 00-04, 06 and lab 4's solution (patterns, so that a
 # chapter may be renamed). Any other page's figures are checked too, when it has some.
 MUST_HAVE_FIGURES = [
     "notebooks/00_*.html",
@@ -35,10 +35,11 @@ MUST_HAVE_FIGURES = [
     "notebooks/02_*.html",
     "notebooks/03_*.html",
     "notebooks/04_*.html",
+    "notebooks/06_*.html",
     "notebooks/labs/solutions/lab4_*.html",
 ]
 # Pages with typeset maths (MathJax served from _static/mathjax)
-MUST_HAVE_MATHS = ["intro.html", "notebooks/00_*.html", "notebooks/labs/lab1_*.html"]
+MUST_HAVE_MATHS = ["intro.html", "notebooks/00_*.html", "notebooks/06_*.html", "notebooks/labs/lab1_*.html"]
 # (page pattern, screenshot name, what to scroll to: a CSS selector, or None for the top of the page)
 SCREENSHOT_PAGES = [
     ("intro.html", "intro", None),

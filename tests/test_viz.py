@@ -373,3 +373,19 @@ def test_benchmark_figure_scales_each_work_to_its_fastest_peer() -> None:
     bar = fig.data[0]
     assert list(bar.y) == ["norm: torch", "norm: l4lab fused", "moe: transformers", "moe: floor"]
     assert list(bar.x) == pytest.approx([2.0, 1.0, 52.3 / 6.45, 1.0])
+
+
+def test_benchmark_rows_reads_the_table_the_benchmark_writes() -> None:
+    text = """# Fused kernels vs peers
+
+| work | peer | time (ms) | rate | note |
+|---|---|---:|---:|---|
+| RMSNorm [4, 8] forward | plain torch | 1.273 | 0.26 TB/s |  |
+| RMSNorm [4, 8] forward | Liger-Kernel | - |  | not installed |
+
+## Goals
+"""
+    assert viz.benchmark_rows(text) == [
+        dict(work="RMSNorm [4, 8] forward", peer="plain torch", ms=1.273),
+        dict(work="RMSNorm [4, 8] forward", peer="Liger-Kernel", ms=None),
+    ]
