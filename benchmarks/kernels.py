@@ -138,6 +138,8 @@ class Row:
 class Bench:
     device: str
     smoke: bool
+    # bf16 on the GPU; fp16 in a smoke run on the CPU, where the interpreter's bf16 dot is wrong
+    dtype: torch.dtype = torch.bfloat16
     rows: list[Row] = field(default_factory=list)
     checks: list[str] = field(default_factory=list)
     goals: list[str] = field(default_factory=list)
@@ -175,6 +177,9 @@ class Bench:
     def goal(self, text: str, value: float | None, target: float, higher_is_better: bool = True) -> None:
         if value is None:
             self.goals.append(f"{text}: not measured")
+            return
+        if self.smoke:
+            self.goals.append(f"{text}: {value:.2f} (smoke run: not a measurement, goal not evaluated)")
             return
         met = value >= target if higher_is_better else value <= target
         self.goals.append(
@@ -216,7 +221,7 @@ def compiled(fn: Callable, smoke: bool) -> Callable:
 
 # ---------------------------------------------------------------------- memory-bound ops
 def bench_copy(bench: Bench, shapes: Shapes) -> float:
-    source = torch.randn(shapes.copy_bytes // 2, device=bench.device, dtype=torch.bfloat16)
+    source = torch.randn(shapes.copy_bytes // 2, device=bench.device, dtype=bench.dtype)
     target = torch.empty_like(source)
     ms = bench.measure(
         "device copy", "Tensor.copy_", lambda: target.copy_(source), bandwidth(2 * shapes.copy_bytes)
@@ -237,8 +242,8 @@ def liger() -> object | None:
 
 
 def bench_rms_norm(bench: Bench, shapes: Shapes, ceiling: float) -> None:
-    x = torch.randn(shapes.rows, shapes.hidden, device=bench.device, dtype=torch.bfloat16)
-    weight = 1 + 0.1 * torch.randn(shapes.hidden, device=bench.device, dtype=torch.bfloat16)
+    x = torch.randn(shapes.rows, shapes.hidden, device=bench.device, dtype=bench.dtype)
+    weight = 1 + 0.1 * torch.randn(shapes.hidden, device=bench.device, dtype=bench.dtype)
     eps = 1e-5
     poisoned(bench.device)
     bench.check("rms_norm", FUSED.rms_norm(x, weight, eps), ops.rms_norm(x.float(), weight.float(), eps))
@@ -256,7 +261,7 @@ def bench_rms_norm(bench: Bench, shapes: Shapes, ceiling: float) -> None:
     )
     liger_modules = liger()
     if liger_modules is not None:
-        liger_norm = liger_modules[0].LigerRMSNorm(shapes.hidden, eps=eps).to(bench.device, torch.bfloat16)
+        liger_norm = liger_modules[0].LigerRMSNorm(shapes.hidden, eps=eps).to(bench.device, bench.dtype)
         liger_norm.weight.data.copy_(weight)
         times["Liger"] = bench.measure(work, "Liger-Kernel", lambda: liger_norm(x), moved)
     else:
@@ -281,9 +286,7 @@ def bench_rms_norm(bench: Bench, shapes: Shapes, ceiling: float) -> None:
         work, "torch.compile", forward_backward(lambda a, w: compiled_norm(a, w, eps)), lambda ms: ""
     )
     if liger_modules is not None:
-        liger_function = (
-            liger_modules[0].LigerRMSNorm(shapes.hidden, eps=eps).to(bench.device, torch.bfloat16)
-        )
+        liger_function = liger_modules[0].LigerRMSNorm(shapes.hidden, eps=eps).to(bench.device, bench.dtype)
         bench.measure(
             work,
             "Liger-Kernel",
@@ -296,7 +299,7 @@ def bench_rms_norm(bench: Bench, shapes: Shapes, ceiling: float) -> None:
 
 
 def bench_swiglu(bench: Bench, shapes: Shapes, ceiling: float) -> None:
-    gate = torch.randn(shapes.rows, shapes.swiglu_width, device=bench.device, dtype=torch.bfloat16)
+    gate = torch.randn(shapes.rows, shapes.swiglu_width, device=bench.device, dtype=bench.dtype)
     up = torch.randn_like(gate)
     poisoned(bench.device)
     bench.check("swiglu", FUSED.swiglu(gate, up), ops.swiglu(gate.float(), up.float()))
@@ -324,8 +327,8 @@ def bench_swiglu(bench: Bench, shapes: Shapes, ceiling: float) -> None:
 
 def bench_rope(bench: Bench, shapes: Shapes, ceiling: float) -> None:
     length = shapes.attention_lengths[0]
-    q = torch.randn(1, length, shapes.heads, shapes.head_dim, device=bench.device, dtype=torch.bfloat16)
-    k = torch.randn(1, length, shapes.kv_heads, shapes.head_dim, device=bench.device, dtype=torch.bfloat16)
+    q = torch.randn(1, length, shapes.heads, shapes.head_dim, device=bench.device, dtype=bench.dtype)
+    k = torch.randn(1, length, shapes.kv_heads, shapes.head_dim, device=bench.device, dtype=bench.dtype)
     inverse = 1.0 / (500000.0 ** (torch.arange(0, shapes.head_dim, 2, device=bench.device) / shapes.head_dim))
     angles = torch.arange(length, device=bench.device)[:, None] * inverse[None, :]
     freqs_cis = torch.polar(torch.ones_like(angles), angles)
@@ -375,7 +378,7 @@ def sdpa_flash(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
 def bench_attention(bench: Bench, shapes: Shapes) -> None:
     def inputs(length: int) -> tuple[Tensor, Tensor, Tensor]:
         def make(heads: int) -> Tensor:
-            return torch.randn(1, heads, length, shapes.head_dim, device=bench.device, dtype=torch.bfloat16)
+            return torch.randn(1, heads, length, shapes.head_dim, device=bench.device, dtype=bench.dtype)
 
         return make(shapes.heads), make(shapes.kv_heads), make(shapes.kv_heads)
 
@@ -430,7 +433,7 @@ def bench_attention(bench: Bench, shapes: Shapes) -> None:
 
     # decode: one query against a long cache (a NoPE layer sees every cached key)
     keys = shapes.decode_keys
-    q = torch.randn(1, shapes.heads, 1, shapes.head_dim, device=bench.device, dtype=torch.bfloat16)
+    q = torch.randn(1, shapes.heads, 1, shapes.head_dim, device=bench.device, dtype=bench.dtype)
     _, k, v = inputs(keys)
     work = f"decode attention, 1 query vs {keys} cached keys"
     poisoned(bench.device)
@@ -478,7 +481,7 @@ def bench_moe(bench: Bench, shapes: Shapes) -> None:
     with torch.no_grad():
         for param in reference.parameters():  # gate_up_proj starts at zero: draw every weight
             param.copy_(torch.randn(param.shape, generator=generator) * param.shape[-2] ** -0.5)
-    reference = reference.to(bench.device, torch.bfloat16)
+    reference = reference.to(bench.device, bench.dtype)
 
     config = l4lab.Config(
         vocab_size=16,
@@ -495,8 +498,8 @@ def bench_moe(bench: Bench, shapes: Shapes) -> None:
     layer = MoE(config, layer=0)
     missing, unexpected = layer.load_state_dict(reference.state_dict(), strict=False)
     assert not unexpected and set(missing) <= {"router.selection_bias"}, (missing, unexpected)
-    layer = layer.to(bench.device, torch.bfloat16)
-    x = torch.randn(tokens, hidden, device=bench.device, dtype=torch.bfloat16)
+    layer = layer.to(bench.device, bench.dtype)
+    x = torch.randn(tokens, hidden, device=bench.device, dtype=bench.dtype)
 
     def l4lab_layer(backend: str) -> Callable[[], Tensor]:
         table = ops.ops_for(backend)
@@ -516,8 +519,8 @@ def bench_moe(bench: Bench, shapes: Shapes) -> None:
         bench.check("MoE layer, eager vs transformers", l4lab_layer("eager")(), expected)
 
         # the same FLOPs as dense: routed (one expert per token) + shared = two SwiGLU FFNs over every token
-        floor_up = torch.randn(hidden, 2 * width, device=bench.device, dtype=torch.bfloat16) * hidden**-0.5
-        floor_down = torch.randn(width, hidden, device=bench.device, dtype=torch.bfloat16) * width**-0.5
+        floor_up = torch.randn(hidden, 2 * width, device=bench.device, dtype=bench.dtype) * hidden**-0.5
+        floor_down = torch.randn(width, hidden, device=bench.device, dtype=bench.dtype) * width**-0.5
 
         def two_dense_ffns() -> Tensor:
             out = None
@@ -572,8 +575,8 @@ def bench_model_with(bench: Bench, shapes: Shapes, experts: int) -> None:
             param.copy_(
                 1.0 + 0.1 * torch.randn_like(param) if "norm" in name else 0.02 * torch.randn_like(param)
             )
-    model = l4lab.from_transformers(hf_model).to(bench.device, torch.bfloat16).eval()
-    hf_model = hf_model.to(bench.device, torch.bfloat16).eval()
+    model = l4lab.from_transformers(hf_model).to(bench.device, bench.dtype).eval()
+    hf_model = hf_model.to(bench.device, bench.dtype).eval()
     tokens = torch.randint(0, config.vocab_size, (1, shapes.model_tokens), device=bench.device)
 
     def forward(backend: str) -> Callable[[], Tensor]:
@@ -654,7 +657,7 @@ def main() -> None:
         )
     shapes = SMOKE if args.smoke else Shapes()
     torch.manual_seed(0)
-    bench = Bench(device, args.smoke)
+    bench = Bench(device, args.smoke, torch.bfloat16 if device == "cuda" else torch.float16)
     ceiling = bench_copy(bench, shapes)
     groups = {
         "norm": lambda: bench_rms_norm(bench, shapes, ceiling),
