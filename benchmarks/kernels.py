@@ -52,11 +52,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from l4lab.kernels import FUSED
 from torch import Tensor
 
 import l4lab
 from l4lab import kernels, ops
+from l4lab.kernels import FUSED
 from l4lab.model import MoE
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -37,7 +37,6 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     os.environ["TRITON_INTERPRET"] = "1"
 
 from l4lab.kernels import attention, moe, rms_norm, rope, swiglu
-
 from l4lab.ops import Ops
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

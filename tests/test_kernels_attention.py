@@ -17,6 +17,10 @@ import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_testing import DEVICE, DTYPES, assert_matches
+from torch import Tensor
+
+from l4lab import ops
+from l4lab.cache import LayerCache
 from l4lab.kernels.attention import (
     Tiling,
     _key_tile_bounds,
@@ -27,10 +31,6 @@ from l4lab.kernels.attention import (
     query_tile_bounds,
     visited_key_tiles,
 )
-from torch import Tensor
-
-from l4lab import ops
-from l4lab.cache import LayerCache
 from l4lab.ops import Temperature, visibility_mask
 
 SMALL = Tiling(block_m=16, block_n=16, split_tiles=1, bwd_block_m=16, bwd_block_n=16)

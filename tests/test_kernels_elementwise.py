@@ -14,12 +14,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_testing import DEVICE, DTYPES, assert_matches
-from l4lab.kernels.rms_norm import rms_norm
-from l4lab.kernels.rope import rope_qk_norm
-from l4lab.kernels.swiglu import swiglu
 from torch import Tensor
 
 from l4lab import ops
+from l4lab.kernels.rms_norm import rms_norm
+from l4lab.kernels.rope import rope_qk_norm
+from l4lab.kernels.swiglu import swiglu
 
 EPS = 1e-5
 # the upstream gradients draw from other seeds than the inputs: an upstream gradient parallel to x would

@@ -17,11 +17,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_testing import DEVICE, DTYPES, assert_matches
-from l4lab.kernels import moe
 from torch import Tensor
 
 import l4lab
 from l4lab import ops
+from l4lab.kernels import moe
 from l4lab.model import MoE
 
 SMALL_TILES = moe.Tiles(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=4, num_stages=2)
