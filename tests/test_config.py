@@ -95,9 +95,12 @@ def test_unknown_preset_lists_the_choices() -> None:
         l4lab.preset("llama5")
 
 
-def test_fused_backend_says_what_is_missing() -> None:
-    with pytest.raises(NotImplementedError, match="backend='eager'"):
-        l4lab.Llama4(l4lab.preset("tiny", backend="fused"))
+def test_backend_selects_the_table_of_operations() -> None:
+    pytest.importorskip("l4lab.kernels")  # Triton present (without it: tests/test_fused_model.py)
+    model = l4lab.Llama4(l4lab.preset("tiny", backend="fused", num_layers=2))
+    assert {m.ops.name for m in model.modules() if hasattr(m, "ops")} == {"fused"}
+    with pytest.raises(ValueError, match=r"Config\.backend = 'triton' is not allowed: 'eager' or 'fused'"):
+        l4lab.Llama4(l4lab.preset("tiny", backend="triton"))
 
 
 def test_config_dict_round_trip() -> None:
