@@ -476,12 +476,13 @@ def bench_moe(bench: Bench, shapes: Shapes) -> None:
     hf_config = Llama4TextConfig(
         hidden_size=hidden, intermediate_size=width, num_local_experts=experts, num_experts_per_tok=1
     )
-    reference = Llama4TextMoe(hf_config)
-    generator = torch.Generator().manual_seed(0)
+    with torch.device(bench.device):  # built where it runs: GBs of weights are not drawn on the CPU
+        reference = Llama4TextMoe(hf_config)
+    torch.manual_seed(0)
     with torch.no_grad():
         for param in reference.parameters():  # gate_up_proj starts at zero: draw every weight
-            param.copy_(torch.randn(param.shape, generator=generator) * param.shape[-2] ** -0.5)
-    reference = reference.to(bench.device, bench.dtype)
+            param.copy_(torch.randn_like(param) * param.shape[-2] ** -0.5)
+    reference = reference.to(bench.dtype)
 
     config = l4lab.Config(
         vocab_size=16,
@@ -495,7 +496,8 @@ def bench_moe(bench: Bench, shapes: Shapes) -> None:
         num_experts=experts,
         top_k=1,
     )
-    layer = MoE(config, layer=0)
+    with torch.device(bench.device):
+        layer = MoE(config, layer=0)
     missing, unexpected = layer.load_state_dict(reference.state_dict(), strict=False)
     assert not unexpected and set(missing) <= {"router.selection_bias"}, (missing, unexpected)
     layer = layer.to(bench.device, bench.dtype)
@@ -569,14 +571,15 @@ def bench_model_with(bench: Bench, shapes: Shapes, experts: int) -> None:
     hf_config = transformers.Llama4TextConfig(**l4lab.to_transformers_config(config))
     hf_config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    hf_model = transformers.Llama4ForCausalLM(hf_config)
+    with torch.device(bench.device):  # built where it runs: GBs of weights are not drawn on the CPU
+        hf_model = transformers.Llama4ForCausalLM(hf_config)
     with torch.no_grad():  # gate_up_proj starts at zero: draw every weight
         for name, param in hf_model.named_parameters():
             param.copy_(
                 1.0 + 0.1 * torch.randn_like(param) if "norm" in name else 0.02 * torch.randn_like(param)
             )
-    model = l4lab.from_transformers(hf_model).to(bench.device, bench.dtype).eval()
-    hf_model = hf_model.to(bench.device, bench.dtype).eval()
+    hf_model = hf_model.to(bench.dtype).eval()
+    model = l4lab.from_transformers(hf_model).eval()
     tokens = torch.randint(0, config.vocab_size, (1, shapes.model_tokens), device=bench.device)
 
     def forward(backend: str) -> Callable[[], Tensor]:
