@@ -61,8 +61,10 @@ Tiling
     (from HBM once, then from L2) while the group's gathered rows of x stay in L2 across column blocks.
     On Hopper in bf16 (:data:`GPU_TILES`): 128 x 128 x 64, GROUP_M 8, 8 warps, 3 stages. Compiled for sm_90
     at Scout's shape, every GEMM uses wgmma with cp.async pipelining; GEMM 1 (two 128 x 128 fp32
-    accumulators) takes 234 registers a thread and 144 KiB of shared memory for its three stages of one x
-    and two weight tiles, GEMM 2 96 KiB. In the interpreter: 32 x 32 x 32 (tests use 16).
+    accumulators) takes 234 registers a thread with Triton 3.9 (255 with 3.6), without spills when it
+    does not store the pre-activations (training's epilogue spills a few dozen bytes), and 144 KiB of
+    shared memory for its three stages of one x and two weight tiles, GEMM 2 96 KiB
+    (``benchmarks/compile_check.py`` prints these). In the interpreter: 32 x 32 x 32 (tests use 16).
     ``tl.dot`` needs every block dimension >= 16. Masks handle D, I and row counts that are not multiples
     of the blocks; all tensors are addressed through their strides, so weights need not be contiguous.
 """
