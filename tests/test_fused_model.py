@@ -91,7 +91,15 @@ def test_cached_generation_equals_eager() -> None:
     """Prefill, then decode one token at a time across chunk boundaries: the decode kernel's path."""
     eager, fused = model_pair()
     prompt = torch.randint(0, 61, (2, 5), generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    assert torch.equal(fused.generate(prompt, max_new_tokens=14), eager.generate(prompt, max_new_tokens=14))
+    tokens = fused.generate(prompt, max_new_tokens=14)
+    if DEVICE == "cpu":  # float32 dots are exact in the interpreter: the very same tokens
+        assert torch.equal(tokens, eager.generate(prompt, max_new_tokens=14))
+        return
+    # tf32 dots on a GPU may flip a near-tie: each token must be eager's argmax up to the tolerance
+    with torch.no_grad():
+        logits = eager(tokens).logits[:, prompt.shape[1] - 1 : -1]
+    chosen = logits.gather(-1, tokens[:, prompt.shape[1] :, None])[..., 0]
+    assert (chosen >= logits.max(-1).values - TOLERANCE * logits.abs().max()).all()
 
 
 def test_need_probs_returns_the_same_attention_maps() -> None:
