@@ -1,7 +1,8 @@
 """Compile every Triton kernel of ``l4lab.kernels`` for sm_90 (H100) without a GPU, at Scout's configurations.
 
 Each kernel is compiled as a GPU launch would compile it: its arguments are ``meta`` tensors of Llama 4
-Scout's shapes in bf16 (hidden 5120, 40 query / 8 KV heads of 128, experts 16 x 8192, 8192 tokens) and
+Scout's shapes in bf16, and for the kernels with matrix products (attention, MoE) also in float32, the
+dtype of the GPU tests (hidden 5120, 40 query / 8 KV heads of 128, experts 16 x 8192, 8192 tokens) and
 the integers a launch would pass, specialised by Triton's own launch code (pointer and integer
 divisibility, constants equal to 1), with the block sizes, ``num_warps`` and ``num_stages`` that each
 file uses on a GPU (``GPU_TILE``, ``Tiling`` / ``default_tiling``, ``GPU_TILES``). ``triton.compile``
@@ -9,7 +10,8 @@ then runs the whole pipeline down to a cubin with the ptxas that Triton bundles,
 ``GPUTarget("cuda", 90, 32)``; no driver or device is needed.
 
 It prints a table of kernel / variant / warps / stages / registers per thread / spill bytes (stores +
-loads) / shared memory, and exits non-zero if any kernel fails to compile. Registers and spills come
+loads) / shared memory, and exits non-zero if any kernel fails to compile or needs more shared memory
+than an H100 gives a block (227 KiB: such a launch fails with "out of resources"). Registers and spills come
 from ptxas' ``-v`` report (without a device, Triton's ``n_regs`` and ``n_spills`` stay unset), shared
 memory from the compiled kernel's metadata. Works with Triton 3.6 and 3.9 (it uses the launch path's
 helpers ``create_function_from_signature`` and ``JITFunction._pack_args``, present in both).
@@ -41,6 +43,9 @@ import torch
 
 BF16 = torch.bfloat16
 F32 = torch.float32
+SHARED_MEMORY_LIMIT = 232448  # bytes of shared memory one block may use on an H100 (sm_90)
+# the dtype of the activations and weights under compilation: bf16, then float32 for the dot kernels
+DTYPE = BF16
 I32 = torch.int32
 I64 = torch.int64
 
@@ -56,8 +61,10 @@ H100_SMS = 132
 EPS = 1e-5
 
 
-def meta(*shape: int, dtype: torch.dtype = BF16) -> torch.Tensor:
-    """A tensor with a shape, strides and dtype but no storage: all a launch looks at."""
+def meta(*shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A tensor with a shape, strides and dtype (default :data:`DTYPE`) but no storage: all a launch looks
+    at."""
+    dtype = dtype or DTYPE
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
@@ -176,7 +183,8 @@ def rope_cases(rope: Any) -> list[Case]:
 
 
 def attention_cases(attention: Any) -> list[Case]:
-    tiling = attention.default_tiling(BF16, HEAD_DIM)
+    tiling = attention.default_tiling(DTYPE, HEAD_DIM)
+    precision = attention._dot_precision(DTYPE)
     # q and out [B, H, T, D] are transposed views of [B, T, H, D]; so are k and v, with Hkv heads
     q = meta(1, TOKENS, HEADS, HEAD_DIM).transpose(1, 2)
     k = meta(1, TOKENS, KV_HEADS, HEAD_DIM).transpose(1, 2)
@@ -205,6 +213,7 @@ def attention_cases(attention: Any) -> list[Case]:
                     num_warps=tiling.num_warps,
                     num_stages=tiling.num_stages,
                     **scalars,
+                    **precision,
                 ),
             )
         )
@@ -216,6 +225,7 @@ def attention_cases(attention: Any) -> list[Case]:
             num_warps=tiling.bwd_warps,
             num_stages=tiling.bwd_stages,
             **scalars,
+            **precision,
         )
         strides = (*q.stride()[:3], *k.stride()[:3], *k.stride()[:3], *q.stride()[:3])
         cases.append(
@@ -283,6 +293,7 @@ def attention_cases(attention: Any) -> list[Case]:
                     num_warps=tiling.decode_warps,
                     num_stages=tiling.num_stages,
                     **scalars,
+                    **precision,
                 ),
             )
         )
@@ -304,8 +315,8 @@ def attention_cases(attention: Any) -> list[Case]:
 
 
 def moe_cases(moe: Any) -> list[Case]:
-    tiles = moe.GPU_TILES
-    gemm = moe._launch_options(tiles)
+    tiles = moe.default_tiles(torch.device("cuda"), DTYPE)
+    gemm = moe._launch_options(tiles, DTYPE)
     slots = TOKENS  # top-1
     max_tiles = math.ceil(slots / tiles.block_m) + EXPERTS
     x = meta(TOKENS, HIDDEN)
@@ -401,14 +412,14 @@ def moe_cases(moe: Any) -> list[Case]:
         Case(
             "moe",
             moe._route_kernel,
-            "bf16",
+            "",
             (logits, *logits.stride(), bias, experts, scores, TOKENS, EXPERTS),
-            dict(CHOICE_DTYPE=moe._TRITON_DTYPES[BF16], **route),
+            dict(CHOICE_DTYPE=moe._TRITON_DTYPES[DTYPE], **route),
         ),
         Case(
             "moe",
             moe._route_backward_kernel,
-            "bf16",
+            "",
             (logits, *logits.stride(), experts, scores, logits, TOKENS, EXPERTS),
             route,
         ),
@@ -525,6 +536,11 @@ def compile_case(case: Case, target: Any) -> Result:
         detail = "".join(traceback.format_exception_only(type(error), error)).strip()
         return Result(case, False, time.perf_counter() - start, error=detail + "\n" + log.getvalue()[-4000:])
 
+    if compiled.metadata.shared > SHARED_MEMORY_LIMIT:
+        error = (
+            f"needs {compiled.metadata.shared} B of shared memory; an H100 block has {SHARED_MEMORY_LIMIT}"
+        )
+        return Result(case, False, time.perf_counter() - start, error=error)
     report = log.getvalue()
     registers = re.search(r"Used (\d+) registers", report)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
@@ -585,12 +601,15 @@ def main() -> int:
     builders = dict(
         rms_norm=norm_cases, swiglu=swiglu_cases, rope=rope_cases, attention=attention_cases, moe=moe_cases
     )
-    cases = [
-        case
-        for name, build in builders.items()
-        if not args.only or name in args.only
-        for case in build(modules[name])
-    ]
+    global DTYPE
+    cases = []
+    for dtype, names in ((BF16, builders), (F32, ["attention", "moe"])):
+        DTYPE = dtype
+        for name in names:
+            if not args.only or name in args.only:
+                for case in builders[name](modules[name]):
+                    case.variant = f"{case.variant} {str(dtype).removeprefix('torch.')}".strip()
+                    cases.append(case)
     print(
         f"triton {triton.__version__}, torch {torch.__version__}: {len(cases)} kernels for sm_90", flush=True
     )

@@ -105,6 +105,9 @@ class Tiles:
 
 
 GPU_TILES = Tiles(block_m=128, block_n=128, block_k=64)
+# float32 tiles take twice the shared memory per element: GEMM 1's three stages of 128 x 128 x 64 would
+# need 288 KiB, more than an H100 SM has (227 KiB); float32 is for checking, not for speed
+FLOAT32_GPU_TILES = Tiles(block_m=64, block_n=64, block_k=32, num_warps=4)
 INTERPRETER_TILES = Tiles(block_m=32, block_n=32, block_k=32)
 
 _TRITON_DTYPES = {
@@ -658,13 +661,18 @@ def _row_grid(dispatch: Dispatch, columns: int, tiles: Tiles) -> tuple[int]:
     return (dispatch.max_tiles * triton.cdiv(columns, tiles.block_n),)
 
 
-def _launch_options(tiles: Tiles) -> dict[str, int]:
+def _launch_options(tiles: Tiles, dtype: torch.dtype) -> dict[str, int | str]:
+    """Blocks and warps of a GEMM launch. float32 dots run in full IEEE precision: Triton's GPU default,
+    tf32, rounds inputs to 10 mantissa bits, and float32 is the dtype in which fused must equal eager;
+    16-bit inputs take the tensor cores as usual."""
+    precision = {"default_dot_input_precision": "ieee"} if dtype == torch.float32 else {}
     return dict(
         BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
+        **precision,
     )
 
 
@@ -710,7 +718,7 @@ def _grouped_matmul(
         ADD_RESIDUAL=residual is not None,
         SWIGLU_BACKWARD=preact is not None,
         GROUP_M=tiles.group_m,
-        **_launch_options(tiles),
+        **_launch_options(tiles, a.dtype),
     )
 
 
@@ -750,7 +758,7 @@ def _expert_weight_grad(
         A_ROWS_BY_TOKEN=a_rows_by_token,
         A_SCALED=scores is not None,
         B_ROWS_BY_TOKEN=b_rows_by_token,
-        **_launch_options(tiles),
+        **_launch_options(tiles, a.dtype),
     )
 
 
@@ -790,7 +798,7 @@ def _experts_forward(
         TOP_K=top_k,
         STORE_PREACT=keep_preact,
         GROUP_M=tiles.group_m,
-        **_launch_options(tiles),
+        **_launch_options(tiles, x.dtype),
     )
     slot_out = torch.empty(num_slots, dim, dtype=x.dtype, device=x.device)
     fuse_shared = shared if top_k == 1 else None
@@ -917,9 +925,12 @@ class _RoutedExperts(torch.autograd.Function):
         )
 
 
-def default_tiles(device: torch.device) -> Tiles:
-    """:data:`GPU_TILES` on a GPU, :data:`INTERPRETER_TILES` in Triton's interpreter."""
-    return GPU_TILES if device.type == "cuda" else INTERPRETER_TILES
+def default_tiles(device: torch.device, dtype: torch.dtype) -> Tiles:
+    """:data:`GPU_TILES` on a GPU (:data:`FLOAT32_GPU_TILES` in float32), :data:`INTERPRETER_TILES` in
+    Triton's interpreter."""
+    if device.type != "cuda":
+        return INTERPRETER_TILES
+    return FLOAT32_GPU_TILES if dtype == torch.float32 else GPU_TILES
 
 
 def routed_experts(
@@ -938,7 +949,7 @@ def routed_experts(
     ``shared`` [N, D] or None; returns [N, D]. ``tiles`` overrides the block sizes (tests, tuning).
     Differentiable in x, scores, gate_up, down and shared; the backward's GEMMs are Triton kernels too.
     """
-    tiles = tiles or default_tiles(x.device)
+    tiles = tiles or default_tiles(x.device, x.dtype)
     inputs = (x, scores, gate_up, down, shared)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         return _RoutedExperts.apply(x, expert_ids, scores, gate_up, down, shared, tiles)

@@ -3,7 +3,7 @@
 On a machine without a GPU the kernels run in Triton's interpreter on the CPU, in float32 and float16
 (its bfloat16 ``tl.dot`` multiplies bit patterns: wrong); on a GPU also in bfloat16. The oracle is the
 eager reference evaluated in float64: a kernel passes when its error is within a small multiple of the
-eager backend's own error in the same dtype, plus a floor for the GPU's tf32 dots.
+eager backend's own error in the same dtype, plus a floor per dtype.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" 
 
 # absolute error floor per dtype, relative to the reference's largest magnitude
 FLOOR = {
-    torch.float32: 1e-5 if DEVICE == "cpu" else 2e-3,  # the GPU's fp32 dots run in tf32
+    # float32 dots run in IEEE precision on a GPU too (the kernels ask for it instead of tf32); what is
+    # left are the GPU's approximate exp2 and rsqrt and another summation order
+    torch.float32: 1e-5 if DEVICE == "cpu" else 1e-4,
     torch.float16: 2e-3,
     torch.bfloat16: 1.6e-2,
 }

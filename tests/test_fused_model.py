@@ -49,7 +49,7 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return float((got.double() - expected.double()).abs().max() / expected.double().abs().max())
 
 
-TOLERANCE = 1e-5 if DEVICE == "cpu" else 5e-3  # the GPU's float32 dots run in tf32
+TOLERANCE = 1e-5 if DEVICE == "cpu" else 1e-4  # float32 dots are IEEE on a GPU too, exp2 approximate
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
@@ -95,7 +95,8 @@ def test_cached_generation_equals_eager() -> None:
     if DEVICE == "cpu":  # float32 dots are exact in the interpreter: the very same tokens
         assert torch.equal(tokens, eager.generate(prompt, max_new_tokens=14))
         return
-    # tf32 dots on a GPU may flip a near-tie: each token must be eager's argmax up to the tolerance
+    # another summation order on a GPU may flip a near-tie: each token must be eager's argmax up to the
+    # tolerance
     with torch.no_grad():
         logits = eager(tokens).logits[:, prompt.shape[1] - 1 : -1]
     chosen = logits.gather(-1, tokens[:, prompt.shape[1] :, None])[..., 0]
