@@ -907,6 +907,11 @@ def flash_attention(
     tiling: Tiling | None = None,
 ) -> Tensor:
     """The attention output [B, H, Tq, D] in q's dtype, differentiable; ``tiling`` overrides the blocks."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        raise ValueError(
+            "fused attention in bfloat16 on the CPU would run in Triton's interpreter, whose bfloat16 matrix "
+            "products are wrong: use float32 or float16 on the CPU (or backend='eager'); bf16 is for a GPU"
+        )
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads cannot share {k.shape[1]} key/value heads evenly")
     if not q.dtype == k.dtype == v.dtype:

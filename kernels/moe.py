@@ -949,6 +949,11 @@ def routed_experts(
     ``shared`` [N, D] or None; returns [N, D]. ``tiles`` overrides the block sizes (tests, tuning).
     Differentiable in x, scores, gate_up, down and shared; the backward's GEMMs are Triton kernels too.
     """
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+        raise ValueError(
+            "fused experts in bfloat16 on the CPU would run in Triton's interpreter, whose bfloat16 matrix "
+            "products are wrong: use float32 or float16 on the CPU (or backend='eager'); bf16 is for a GPU"
+        )
     tiles = tiles or default_tiles(x.device, x.dtype)
     inputs = (x, scores, gate_up, down, shared)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):

@@ -112,6 +112,13 @@ def test_need_probs_returns_the_same_attention_maps() -> None:
         assert relative_error(ours, theirs) < TOLERANCE
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="only the CPU interpreter gets bfloat16 products wrong")
+def test_bfloat16_on_the_cpu_is_refused_not_computed_wrongly() -> None:
+    _, fused = model_pair()
+    with pytest.raises(ValueError, match="bfloat16 on the CPU"):
+        fused.to(torch.bfloat16)(torch.randint(0, 61, (1, 9)))
+
+
 def test_fused_without_triton_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     real_import = builtins.__import__
 
