@@ -184,7 +184,7 @@ def rope_cases(rope: Any) -> list[Case]:
 
 def attention_cases(attention: Any) -> list[Case]:
     tiling = attention.default_tiling(DTYPE, HEAD_DIM)
-    precision = attention._dot_precision(DTYPE)
+    precision = attention.dot_precision(DTYPE)
     # q and out [B, H, T, D] are transposed views of [B, T, H, D]; so are k and v, with Hkv heads
     q = meta(1, TOKENS, HEADS, HEAD_DIM).transpose(1, 2)
     k = meta(1, TOKENS, KV_HEADS, HEAD_DIM).transpose(1, 2)

@@ -286,11 +286,10 @@ def bench_rms_norm(bench: Bench, shapes: Shapes, ceiling: float) -> None:
         work, "torch.compile", forward_backward(lambda a, w: compiled_norm(a, w, eps)), lambda ms: ""
     )
     if liger_modules is not None:
-        liger_function = liger_modules[0].LigerRMSNorm(shapes.hidden, eps=eps).to(bench.device, bench.dtype)
         bench.measure(
             work,
             "Liger-Kernel",
-            lambda: torch.autograd.grad(liger_function(x_grad), (x_grad,), upstream),
+            lambda: torch.autograd.grad(liger_norm(x_grad), (x_grad,), upstream),
             lambda ms: "",
         )
     bench.measure(
@@ -306,7 +305,7 @@ def bench_swiglu(bench: Bench, shapes: Shapes, ceiling: float) -> None:
     num_bytes = 3 * gate.numel() * gate.element_size()
     moved = bandwidth(num_bytes)
     work = f"SwiGLU {list(gate.shape)} forward"
-    plain = bench.measure(work, "plain torch", lambda: ops.swiglu(gate, up), moved)
+    bench.measure(work, "plain torch", lambda: ops.swiglu(gate, up), moved)
     compiled_swiglu = compiled(ops.swiglu, bench.smoke)
     compile_ms = bench.measure(work, "torch.compile", lambda: compiled_swiglu(gate, up), moved)
     liger_modules = liger()
@@ -322,7 +321,6 @@ def bench_swiglu(bench: Bench, shapes: Shapes, ceiling: float) -> None:
         bench.goal("SwiGLU forward, fraction of the copy ceiling", num_bytes / fused / 1e9 / ceiling, 0.95)
     bench.goal("SwiGLU forward, torch.compile time / fused time", ratio(compile_ms, fused), 1.0)
     bench.goal("SwiGLU forward, Liger time / fused time", ratio(liger_ms, fused), 1.0)
-    del plain
 
 
 def bench_rope(bench: Bench, shapes: Shapes, ceiling: float) -> None:

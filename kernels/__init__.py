@@ -16,6 +16,9 @@ operation           file                        kernels
 ``routed_experts``  ``moe.py``                  counting sort, grouped GEMMs with SwiGLU fused
 ==================  ==========================  ===================================================
 
+``matmul_precision.py`` holds what the two files with matrix products share: float32 dots in IEEE
+precision on a GPU, and the refusal of bfloat16 in the interpreter.
+
 On a machine without a CUDA GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set
 here before any kernel is defined): exact and slow, for learning and testing on small shapes.
 """

@@ -98,6 +98,7 @@ import triton.language as tl
 from torch import Tensor
 
 from l4lab import ops
+from l4lab.kernels.matmul_precision import dot_precision, refuse_interpreted_bfloat16
 from l4lab.ops import Temperature
 
 LOG2E = math.log2(math.e)
@@ -779,12 +780,6 @@ class _Problem:
         )
 
 
-def _dot_precision(dtype: torch.dtype) -> dict[str, str]:
-    """float32 dots in full IEEE precision (Triton's GPU default, tf32, keeps 10 mantissa bits): float32
-    is the dtype in which fused must equal eager; 16-bit inputs take the tensor cores as usual."""
-    return {"default_dot_input_precision": "ieee"} if dtype == torch.float32 else {}
-
-
 def _unit_stride(x: Tensor) -> Tensor:
     """The kernels read head_dim with stride 1 (true of transposed [B, T, H, D] tensors): copy otherwise."""
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -815,7 +810,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, problem: _Problem) -> tuple[Tensor
             q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             heads, num_queries, num_keys, group=heads // kv_heads, BLOCK_M=tiling.block_m,
             BLOCK_N=tiling.block_n, num_warps=tiling.num_warps, num_stages=tiling.num_stages, **scalars,
-            **_dot_precision(q.dtype),
+            **dot_precision(q.dtype),
         )  # fmt: skip
         return out, lse
 
@@ -837,7 +832,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, problem: _Problem) -> tuple[Tensor
         q, k, v, part_out, part_lse, *q.stride()[:2], *k.stride()[:3], *v.stride()[:3],
         kv_heads, num_keys, group=group, split_tiles=split_tiles,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=tiling.block_n,
-        num_warps=tiling.decode_warps, num_stages=tiling.num_stages, **scalars, **_dot_precision(q.dtype),
+        num_warps=tiling.decode_warps, num_stages=tiling.num_stages, **scalars, **dot_precision(q.dtype),
     )  # fmt: skip
     _decode_merge_kernel[(batch * heads,)](
         part_out, part_lse, out, lse, *out.stride()[:2], heads, num_splits, HEAD_DIM=head_dim,
@@ -861,7 +856,7 @@ def _backward(
     block_m, block_n = tiling.bwd_block_m, tiling.bwd_block_n
     launch = dict(
         group=heads // kv_heads, sm_scale=head_dim**-0.5, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=tiling.bwd_warps, num_stages=tiling.bwd_stages, **scalars, **_dot_precision(q.dtype),
+        num_warps=tiling.bwd_warps, num_stages=tiling.bwd_stages, **scalars, **dot_precision(q.dtype),
     )  # fmt: skip
 
     _delta_kernel[(triton.cdiv(num_queries, block_m), batch * heads)](
@@ -907,11 +902,7 @@ def flash_attention(
     tiling: Tiling | None = None,
 ) -> Tensor:
     """The attention output [B, H, Tq, D] in q's dtype, differentiable; ``tiling`` overrides the blocks."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        raise ValueError(
-            "fused attention in bfloat16 on the CPU would run in Triton's interpreter, whose bfloat16 matrix "
-            "products are wrong: use float32 or float16 on the CPU (or backend='eager'); bf16 is for a GPU"
-        )
+    refuse_interpreted_bfloat16(q, "attention")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads cannot share {k.shape[1]} key/value heads evenly")
     if not q.dtype == k.dtype == v.dtype:

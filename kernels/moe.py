@@ -81,6 +81,7 @@ import triton.language as tl
 from torch import Tensor
 
 from l4lab import ops
+from l4lab.kernels.matmul_precision import dot_precision, refuse_interpreted_bfloat16
 
 # token rows per route program: E logits each, a few KiB per program
 ROUTE_BLOCK_ROWS = 32
@@ -662,17 +663,14 @@ def _row_grid(dispatch: Dispatch, columns: int, tiles: Tiles) -> tuple[int]:
 
 
 def _launch_options(tiles: Tiles, dtype: torch.dtype) -> dict[str, int | str]:
-    """Blocks and warps of a GEMM launch. float32 dots run in full IEEE precision: Triton's GPU default,
-    tf32, rounds inputs to 10 mantissa bits, and float32 is the dtype in which fused must equal eager;
-    16-bit inputs take the tensor cores as usual."""
-    precision = {"default_dot_input_precision": "ieee"} if dtype == torch.float32 else {}
+    """Blocks, warps and (float32: IEEE) dot precision of a GEMM launch."""
     return dict(
         BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
-        **precision,
+        **dot_precision(dtype),
     )
 
 
@@ -949,11 +947,7 @@ def routed_experts(
     ``shared`` [N, D] or None; returns [N, D]. ``tiles`` overrides the block sizes (tests, tuning).
     Differentiable in x, scores, gate_up, down and shared; the backward's GEMMs are Triton kernels too.
     """
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
-        raise ValueError(
-            "fused experts in bfloat16 on the CPU would run in Triton's interpreter, whose bfloat16 matrix "
-            "products are wrong: use float32 or float16 on the CPU (or backend='eager'); bf16 is for a GPU"
-        )
+    refuse_interpreted_bfloat16(x, "experts")
     tiles = tiles or default_tiles(x.device, x.dtype)
     inputs = (x, scores, gate_up, down, shared)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):

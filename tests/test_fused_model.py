@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from conftest import relative_error
 from kernel_testing import DEVICE
 
 import l4lab
@@ -43,10 +44,6 @@ def model_pair(**overrides: object) -> tuple[l4lab.Llama4, l4lab.Llama4]:
     fused = l4lab.Llama4(l4lab.Config(**{**TINY, **overrides, "backend": "fused"})).to(DEVICE)
     fused.load_state_dict(eager.state_dict())
     return eager, fused
-
-
-def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((got.double() - expected.double()).abs().max() / expected.double().abs().max())
 
 
 TOLERANCE = 1e-5 if DEVICE == "cpu" else 1e-4  # float32 dots are IEEE on a GPU too, exp2 approximate
