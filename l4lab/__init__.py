@@ -1,6 +1,6 @@
 """l4lab: learn how Llama 4 works by building it, running it and looking inside it."""
 
-from l4lab import data, routing, train, viz
+from l4lab import claims, data, routing, train, viz
 from l4lab.cache import KVCache
 from l4lab.config import Config, LayerSpec, RopeScaling, count_params, preset, preset_names
 from l4lab.interop import config_from_transformers, from_transformers, load_pretrained, to_transformers_config
@@ -17,6 +17,7 @@ __all__ = [
     "Llama4Output",
     "RopeScaling",
     "RoutingRecord",
+    "claims",
     "config_from_transformers",
     "count_params",
     "data",
