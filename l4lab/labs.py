@@ -54,6 +54,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from l4lab import ops, routing
+from l4lab.claims import TOLERANCE
 from l4lab.config import preset
 from l4lab.data import TokenDataset, mixture
 from l4lab.model import MoE, Router, RoutingRecord, rope_angles, rope_inverse_frequencies
@@ -230,8 +231,12 @@ def _as_tensor(got: Any, name: str) -> tuple[Tensor | None, str | None]:
 
 
 def _compare_tensor(
-    expected: Tensor, got: Any, name: str = "output", rtol: float = 1e-4, atol: float = 1e-5
+    expected: Tensor, got: Any, name: str = "output", rtol: float | None = None, atol: float | None = None
 ) -> str | None:
+    """None when ``got`` equals ``expected``, else what differs. Numbers are close when
+    ``|got - expected| <= atol + rtol * |expected|``; by default ``rtol`` is the dtype's tolerance
+    (``l4lab.claims.TOLERANCE``, the less precise of the two dtypes) and ``atol`` that times the largest
+    ``|expected|``, so that the verdict does not depend on the CPU or the thread count that computed it."""
     tensor, problem = _as_tensor(got, name)
     if problem is not None or tensor is None:
         return problem
@@ -251,6 +256,10 @@ def _compare_tensor(
         if got.dtype == torch.bool:
             return f"{name}: expected numbers ({expected.dtype}), got a bool tensor"
         g64, e64 = got.double(), expected.double()
+        if rtol is None:
+            rtol = max(TOLERANCE.get(dtype, 0.0) for dtype in (expected.dtype, got.dtype))
+        if atol is None:
+            atol = rtol * float(e64.abs().max()) if e64.numel() else 0.0
         wrong = ~torch.isclose(g64, e64, rtol=rtol, atol=atol, equal_nan=False)
     if not bool(wrong.any()):
         return None

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -466,3 +469,53 @@ def test_exercises_match_their_solutions_except_the_answers(exercise):
         else:
             assert ex_text == sol_text
     assert checked == [line.split()[0] for line in labs.steps(exercise.name[3])]
+
+
+# ------------------------------------------------------------ verdicts independent of the machine
+VERDICTS_SCRIPT = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("lab_answers", sys.argv[1])
+answers = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(answers)
+from l4lab import labs
+table = labs._steps_table()
+verdicts = {}
+for step, fn in answers.SOLUTIONS.items():
+    verdicts[f"{step} right answer"] = labs.check(step, fn).passed
+for step, fn, _, _ in answers.WRONG:
+    verdicts[f"{step} {fn.__name__}"] = labs.check(step, fn).failed_case
+for step in answers.SOLUTIONS:
+    for mistake in table[step].mistakes:
+        verdicts[f"{step} {mistake.name}"] = labs.check(step, mistake.fn).failed_case
+print(json.dumps(verdicts))
+"""
+
+NUMERIC_PATHS = {
+    "as configured": {},
+    "1 thread": {"OMP_NUM_THREADS": "1"},
+    "3 threads": {"OMP_NUM_THREADS": "3"},
+    "ATen without vectorisation": {"ATEN_CPU_CAPABILITY": "default"},
+    "ATen AVX2": {"ATEN_CPU_CAPABILITY": "avx2"},
+    "MKL compatible mode": {"MKL_CBWR": "COMPATIBLE"},
+}
+
+
+def test_verdicts_are_the_same_on_every_numeric_path():
+    """Each lab checker's verdict on right answers and on every typical mistake (the tests' and those
+    registered in l4lab.labs) is the same whatever kernels, MKL mode and thread count compute it."""
+    verdicts = {}
+    for name, env in NUMERIC_PATHS.items():
+        run = subprocess.run(
+            [sys.executable, "-c", VERDICTS_SCRIPT, __file__],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
+        verdicts[name] = json.loads(run.stdout.splitlines()[-1])
+    reference = verdicts["as configured"]
+    assert all(passed is True for key, passed in reference.items() if key.endswith("right answer"))
+    assert all(case is not None for key, case in reference.items() if not key.endswith("right answer"))
+    for name, found in verdicts.items():
+        assert found == reference, f"{name}: {set(found.items()) ^ set(reference.items())}"
