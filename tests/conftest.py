@@ -62,7 +62,3 @@ def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def hf_model(seed: int = 0, **overrides: Any) -> Any:
     model = transformers.Llama4ForCausalLM(hf_text_config(**overrides)).eval()
     return randomise(model, seed)
-
-
-def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((got - expected).abs().max() / expected.abs().max())

@@ -12,10 +12,10 @@ import sys
 
 import pytest
 import torch
-from conftest import relative_error
 from kernel_testing import DEVICE
 
 import l4lab
+from l4lab.claims import relative_error
 from l4lab.ops import ops_for
 
 TINY = dict(

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hf_model, relative_error
+from conftest import hf_model
 
 import l4lab
+from l4lab.claims import relative_error
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import hf_model, relative_error, transformers
+from conftest import hf_model, transformers
 from safetensors.torch import load_file, save_file
 
 import l4lab
 from l4lab import interop
+from l4lab.claims import relative_error
 
 IDS = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(0))
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hf_model, hf_text_config, randomise, relative_error, transformers
+from conftest import hf_model, hf_text_config, randomise, transformers
 
 import l4lab
+from l4lab.claims import relative_error
 
 LLAMA3_SCALING = {
     "rope_type": "llama3",
