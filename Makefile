@@ -1,4 +1,5 @@
-# l4lab: `make lab` opens the notebooks, `make test` runs every check, `make book` builds the book.
+# l4lab: `make lab` opens the notebooks, `make test` runs every check, `make book` builds the book,
+# `make notebooks` re-executes the stored notebooks.
 # All set up .venv on first use.
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +9,7 @@ STAMP := $(VENV)/.l4lab-installed
 #   make test TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup lab test lint book browser bench clean
+.PHONY: setup lab test lint book browser bench clean notebooks
 
 setup: $(STAMP)
 
@@ -49,11 +50,24 @@ browser:
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 		else echo "no chromium on the PATH and not root: tests/test_book.py will skip"; fi; }
 
-# every test (the book in a browser too), then every notebook re-executed and compared with its stored
-# outputs (strict nbval)
+# The numeric path the notebooks are tested on: another one than the one that stored their outputs, on
+# any machine (ATen's kernels without vectorisation, MKL's compatible mode, one thread per notebook), so
+# that an output whose digits depend on the CPU fails here rather than on the next machine. Strict nbval
+# compares only what is exact everywhere; trained results are checked as claims (l4lab.claims).
+TRIPWIRE := ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE OMP_NUM_THREADS=1
+
+# every test (the book in a browser too), then every notebook re-executed on the tripwire's numeric path
+# and compared with its stored outputs (strict nbval), two notebooks at a time
 test: lint book browser
-	$(VENV)/bin/pytest -q tests notebooks --nbval --nbval-current-env \
+	$(VENV)/bin/pytest -q tests
+	$(TRIPWIRE) $(VENV)/bin/pytest -q -n 2 --dist loadscope notebooks --nbval --nbval-current-env \
 		--nbval-sanitize-with notebooks/nbval_sanitize.cfg
+
+# re-execute every stored notebook in place (after a change to the code under them), then
+# `python benchmarks/claims_spread.py` if a claim or what it measures changed
+notebooks: $(STAMP)
+	$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1800 \
+		notebooks/*.ipynb notebooks/labs/solutions/*.ipynb
 
 bench: $(STAMP)
 	$(PY) benchmarks/cpu_vs_transformers.py
