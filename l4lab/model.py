@@ -16,6 +16,7 @@ Parameter names are the ones of published checkpoints (transformers' ``Llama4For
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -344,8 +345,11 @@ class Llama4(nn.Module):
             layer.self_attn.temperature = Temperature(config.floor_scale, config.attn_scale)
         self.config = config
 
-    def save_pretrained(self, path: str) -> None:
-        """Write a checkpoint directory that transformers' ``Llama4ForCausalLM`` loads (``l4lab.interop``)."""
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write a checkpoint directory that transformers' ``Llama4ForCausalLM`` loads (``l4lab.interop``).
+
+        Only the checkpoint's own files in ``path`` are replaced, all at once; other files there stay.
+        """
         from l4lab.interop import save_pretrained
 
         save_pretrained(self, path)
