@@ -68,6 +68,9 @@ ATTENTION_TOKENS = 128  # tokens of the attention maps (a map is tokens x tokens
 PROMPT_TOKENS = 32
 SAMPLE_TOKENS = 64
 MIN_SEQ_LEN = 4
+MAX_SEQ_LEN = 16384  # command-line limits: beyond them the data or a batch does not fit in memory
+MAX_BATCH_SIZE = 4096
+MAX_MINUTES = 1e6
 
 RUN_FILES = ("checkpoint", "metrics.json", "report.html")  # what makes a directory hold a run
 
@@ -503,13 +506,37 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _at_most(limit: int) -> Callable[[str], int]:
+    """A positive integer up to ``limit``: beyond it a CPU run would exhaust memory rather than start."""
+
+    def parse(text: str) -> int:
+        value = _positive_int(text)
+        if value > limit:
+            raise argparse.ArgumentTypeError(f"must be a positive integer up to {limit}, got {text!r}")
+        return value
+
+    return parse
+
+
 def _minutes(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of minutes >= 0 (0: no time limit), got {text!r}")
+    if not 0 <= value <= MAX_MINUTES:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of minutes from 0 (no time limit) to {MAX_MINUTES:g}, got {text!r}"
+        )
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -(2**64)
+    if not -(2**63) <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be an integer in [-2**63, 2**64), got {text!r}")
     return value
 
 
@@ -540,10 +567,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", type=_positive_int, help="stop after this many steps")
     run.add_argument("--minutes", type=_minutes, help="stop after this many minutes (2; 0: no limit)")
     run.add_argument("--out", type=Path, default=None, help="output directory (runs/<preset>-<task>)")
-    run.add_argument("--seq-len", type=_positive_int, help="tokens per row (256)")
-    run.add_argument("--batch-size", type=_positive_int, help="rows per step (16)")
+    run.add_argument("--seq-len", type=_at_most(MAX_SEQ_LEN), help="tokens per row (256)")
+    run.add_argument("--batch-size", type=_at_most(MAX_BATCH_SIZE), help="rows per step (16)")
     run.add_argument("--balance", choices=BALANCE_CHOICES, help="MoE balancing (aux_free)")
-    run.add_argument("--seed", type=int, help="seed of data, weights and batches (0)")
+    run.add_argument("--seed", type=_seed, help="seed of data, weights and batches (0)")
     _add_run_safety(run)
     run.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its checkpoint, exactly"
@@ -553,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--out", type=Path, default=Path("runs/tour"), help="output directory (runs/tour)")
     show.add_argument("--minutes", type=_minutes, default=1.0, help="training time (1; 0: no limit)")
     show.add_argument("--steps", type=_positive_int, default=None, help="stop after this many steps")
-    show.add_argument("--seed", type=int, default=0, help="seed (0)")
+    show.add_argument("--seed", type=_seed, default=0, help="seed (0)")
     _add_run_safety(show)
     return parser
 
