@@ -391,14 +391,20 @@ def from_transformers(hf_model: nn.Module) -> Llama4:
 
 # ---------------------------------------------------------------------- checkpoint directories
 def _read_config(
-    path: Path, config_file: Path, verify: bool, recorded: str | None
+    path: Path, config_file: Path, verify: bool, recorded: tuple[str, str] | None
 ) -> tuple[Config, torch.dtype | None]:
-    """The Config in ``path``'s config.json and the dtype it declares; errors name the file."""
-    if verify and recorded is not None and hashlib.sha256(config_file.read_bytes()).hexdigest() != recorded:
+    """The Config in ``path``'s config.json and the dtype it declares; errors name the file.
+
+    ``recorded``: (the sha256 of config.json that l4lab recorded when saving, the file it is in)."""
+    if (
+        verify
+        and recorded is not None
+        and hashlib.sha256(config_file.read_bytes()).hexdigest() != recorded[0]
+    ):
         raise ValueError(
             f"{path / CONFIG_NAME} was changed after l4lab saved it with these weights (its sha256 differs "
-            "from the one recorded beside them): it is corrupt, or edited by hand. To keep an edit on "
-            "purpose, load with verify=False and save again"
+            f"from the one recorded in {recorded[1]}): one of the two is corrupt, or config.json was edited "
+            "by hand. To keep an edit on purpose, load with verify=False and save again"
         )
     hf = read_json(config_file)
     if not isinstance(hf, dict):
@@ -494,9 +500,12 @@ def load_pretrained(
             raise FileNotFoundError(f"no {CONFIG_NAME} in {path}")
         files, index_metadata = _weight_files(path)
         with SafetensorsFile(files[0][0], device, verify) as first:
-            recorded = index_metadata.get(CONFIG_CHECKSUM_KEY) or first.metadata.get(CONFIG_CHECKSUM_KEY)
-        recorded = recorded if isinstance(recorded, str) else None
-        config, declared = _read_config(path, config_file, verify, recorded)
+            recorded = (index_metadata.get(CONFIG_CHECKSUM_KEY), INDEX_NAME)
+            if recorded[0] is None:
+                recorded = (first.metadata.get(CONFIG_CHECKSUM_KEY), first.path.name)
+        config, declared = _read_config(
+            path, config_file, verify, recorded if isinstance(recorded[0], str) else None
+        )
         with torch.device("meta"):
             model = Llama4(config)
         checker = _WeightChecker(model, str(path))

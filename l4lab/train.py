@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -347,16 +348,19 @@ def _read_checkpoint_model(path: Path, state: dict[str, Any]) -> Llama4:
                 f"unexpected {brief_list(unexpected)}"
             )
         loaded = {key: weights.get(key) for key in sorted(keys)}
-    dtypes = {t.dtype for t in loaded.values()}
+    dtype = Counter(t.dtype for t in loaded.values()).most_common(1)[0][0]  # the model's, but for a stray one
     for key, tensor in loaded.items():
         problem = None
         if tensor.shape != expected[key].shape:
             problem = f"expected shape {tuple(expected[key].shape)}, got {tuple(tensor.shape)}"
-        elif not tensor.dtype.is_floating_point or len(dtypes) > 1:
-            problem = f"expected one floating-point dtype for every tensor, got {tensor.dtype} among {dtypes}"
+        elif tensor.dtype != dtype or not dtype.is_floating_point:
+            wanted = (
+                f"{dtype}, like the other tensors" if dtype.is_floating_point else "a floating-point dtype"
+            )
+            problem = f"expected {wanted}, got {tensor.dtype}"
         if problem is not None:
             raise ValueError(f"{path / 'model.safetensors'}: {key}: {problem}")
-    model.to(dtypes.pop()).load_state_dict(loaded)
+    model.to(dtype).load_state_dict(loaded)
     return model
 
 
@@ -376,15 +380,23 @@ def _load_moments(trainer: Trainer, path: Path) -> None:
             entries.setdefault(param, {})[kind] = moments.get(key)
     for param_name, entry in entries.items():
         param = params[param_name]
-        if set(entry) != {"exp_avg", "exp_avg_sq", "step"}:
-            raise ValueError(
-                f"{name}: {param_name} has moments {sorted(entry)}, not exp_avg, exp_avg_sq and step"
-            )
-        for kind, numel in (("exp_avg", param.numel()), ("exp_avg_sq", param.numel()), ("step", 1)):
-            if entry[kind].numel() != numel or not entry[kind].dtype.is_floating_point:
+        missing = [f"{param_name}.{kind}" for kind in ("exp_avg", "exp_avg_sq", "step") if kind not in entry]
+        if missing:
+            raise ValueError(f"{name}: moments {missing} are missing (the others of {param_name} are there)")
+        for kind, numel, dtype in (
+            ("exp_avg", param.numel(), param.dtype),
+            ("exp_avg_sq", param.numel(), param.dtype),
+            ("step", 1, None),
+        ):
+            found = entry[kind]
+            if (
+                found.numel() != numel
+                or not found.dtype.is_floating_point
+                or dtype not in (None, found.dtype)
+            ):
                 raise ValueError(
-                    f"{name}: {param_name}.{kind}: expected {numel} floating-point values, got "
-                    f"{entry[kind].numel()} of {entry[kind].dtype}"
+                    f"{name}: {param_name}.{kind}: expected {numel} values of "
+                    f"{dtype or 'a floating-point dtype'}, got {found.numel()} of {found.dtype}"
                 )
         for kind in ("exp_avg", "exp_avg_sq"):
             entry[kind] = entry[kind].view_as(param)
