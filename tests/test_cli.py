@@ -159,11 +159,22 @@ def test_tour(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 
 
 # ---------------------------------------------------------------------- runs are never overwritten
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: much faster for these tiny runs on a busy machine (two threads contend)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_files(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
-def test_a_second_run_into_the_same_out_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_second_run_into_the_same_out_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture, one_thread: None
+) -> None:
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
@@ -198,7 +209,7 @@ DETERMINISTIC = ["--steps", "6", "--minutes", "0", "--seq-len", "32", "--batch-s
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(
-    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, one_thread: None
 ) -> None:
     assert cli.main(["train", "--out", str(tmp_path / "whole"), *DETERMINISTIC]) == 0
     step = Trainer.step
@@ -232,13 +243,19 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(
 
 def test_sigterm_to_a_real_process_then_resume_through_the_command_line(tmp_path: Path) -> None:
     """SIGTERM to ``python -m l4lab train`` after its first periodic checkpoint: status 143, a checkpoint
-    of the last completed step, then ``--resume`` in another process ends with the uninterrupted run's
-    history. Every process is waited for with a timeout and killed if it overruns."""
-    argv = ["train", "--steps", "30", "--minutes", "0", "--seq-len", "16", "--batch-size", "2", "--quiet"]
-    assert cli.main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    of the last completed step, then ``--resume`` in another process ends with the history of an
+    uninterrupted run in a third. Every process is waited for with a timeout and killed if it overruns."""
+    env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "l4lab", "train", "--steps", "30", "--minutes", "0", "--quiet"]
+    argv += ["--seq-len", "16", "--batch-size", "2"]
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*argv, *extra], env=env, capture_output=True, text=True, timeout=300)
+
+    whole = run("--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
     out = tmp_path / "cut"
-    env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).parents[1])}
-    command = [sys.executable, "-m", "l4lab", *argv, "--out", str(out), "--checkpoint-every", "5"]
+    command = [*argv, "--out", str(out), "--checkpoint-every", "5"]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -255,15 +272,15 @@ def test_sigterm_to_a_real_process_then_resume_through_the_command_line(tmp_path
     assert stopped and f"python -m l4lab train --resume --out {out}" in stderr
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == int(stopped.group(1)) < 30
     resumed = subprocess.run(
-        [sys.executable, "-m", "l4lab", "train", "--resume", "--out", str(out), "--quiet"],
+        [*argv[:3], "train", "--resume", "--out", str(out), "--quiet"],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
-    assert json.loads((out / "metrics.json").read_text()) == whole
+    expected = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert json.loads((out / "metrics.json").read_text()) == expected and len(expected) == 30
 
 
 # ---------------------------------------------------------------------- errors
