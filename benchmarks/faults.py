@@ -55,6 +55,8 @@ SHARD_BYTES = 3_000_000  # tiny-moe's 9 MB of float32 weights in 3 or 4 shards
 TRAIN_STEPS = 30
 TRAIN_ARGV = ["--steps", str(TRAIN_STEPS), "--minutes", "0", "--seq-len", "16", "--batch-size", "2"]
 TRAIN_ARGV += ["--quiet", "--checkpoint-every", "1"]
+TRAIN_KILL_AFTER_S = (0.5, 4.0)
+SAVE_KILL_AFTER_S = (0.05, 2.5)
 
 
 # ---------------------------------------------------------------------- the models the saves write
@@ -250,6 +252,7 @@ class Tally:
     max_journals: int = 0
     chains: int = 0  # training: runs completed by a chain of kills and resumes
     chains_exact: int = 0  # ... that ended with the uninterrupted run's metrics
+    steps: list[int] = field(default_factory=list)  # training: the checkpoint's step after each kill
     seconds: float = 0.0
     failures: list[str] = field(default_factory=list)
 
@@ -290,7 +293,7 @@ def save_kills(zyg: Zygote, workdir: Path, kills: int, deadline_s: float, seed: 
         log = workdir / f"saves-{tally.kills}.log"
         job = {"kind": "saves", "directory": str(directory), "start": last + 1, "saves_log": str(log)}
         job["log"] = str(workdir / "children.log")
-        status, killed = zyg.run(job, kill_after_s=rng.uniform(0.05, 2.5))
+        status, killed = zyg.run(job, kill_after_s=rng.uniform(*SAVE_KILL_AFTER_S))
         if not killed:
             tally.failures.append(f"save child ended by itself with status {status}")
             break
@@ -340,13 +343,17 @@ def train_kills(zyg: Zygote, workdir: Path, kills: int, deadline_s: float, seed:
     train_data, val_data = cli.build_datasets("mixture", 16, 0)
     chain = 0
     out = workdir / f"run-{chain}"
-    while tally.kills < kills and time.monotonic() - started < deadline_s:
+    while True:
+        last = tally.kills >= kills or time.monotonic() - started > deadline_s
+        if last and not (out / "checkpoint").is_dir():
+            break
+        # once the kills are done, the chain in progress is completed without one and checked too
         resumable = (out / "checkpoint").is_dir() and _resumes(out, train_data, val_data) is not None
         argv = ["train", "--resume", "--out", str(out), "--quiet", "--checkpoint-every", "1"]
         if not resumable:
             argv = ["train", *TRAIN_ARGV, "--out", str(out), "--overwrite"]
         job = {"kind": "train", "argv": argv, "log": str(workdir / "children.log")}
-        status, killed = zyg.run(job, kill_after_s=rng.uniform(0.2, 4.0))
+        status, killed = zyg.run(job, kill_after_s=None if last else rng.uniform(*TRAIN_KILL_AFTER_S))
         if not killed:
             if status != 0:
                 tally.failures.append(f"a training run ended with status {status}")
@@ -357,6 +364,8 @@ def train_kills(zyg: Zygote, workdir: Path, kills: int, deadline_s: float, seed:
             tally.chains_exact += int(final == reference)
             if final != reference:
                 tally.failures.append(f"chain {chain}: the final metrics differ from the uninterrupted run's")
+            if last:
+                break
             chain += 1
             out = workdir / f"run-{chain}"
             continue
@@ -371,6 +380,7 @@ def train_kills(zyg: Zygote, workdir: Path, kills: int, deadline_s: float, seed:
             continue
         tally.landed(_phase(checkpoint))
         trainer = _resumes(out, train_data, val_data)
+        tally.steps.append(-1 if trainer is None else trainer.step_count)
         if trainer is None:
             tally.failures.append(f"kill {tally.kills}: the checkpoint does not resume")
         elif trainer.history != reference[: trainer.step_count] and trainer.step_count < TRAIN_STEPS:
@@ -515,9 +525,10 @@ def main() -> int:
         f"{platform.system()} {platform.release()}",
         f"- saves: tiny-moe (9 MB of float32), every third save in shards of {SHARD_BYTES:,} bytes and the "
         "others one file, odd saves with RoPE positions, into a directory that also holds the user's files; "
-        "killed 0.05-2.5 s after the process starts saving",
-        f"- training: `python -m l4lab train {' '.join(TRAIN_ARGV)}`, killed 0.2-4 s after it starts, "
-        "then `--resume`d, until it completes",
+        f"killed {SAVE_KILL_AFTER_S[0]}-{SAVE_KILL_AFTER_S[1]} s after the process starts",
+        f"- training: `python -m l4lab train {' '.join(TRAIN_ARGV)}`, killed {TRAIN_KILL_AFTER_S[0]}-"
+        f"{TRAIN_KILL_AFTER_S[1]} s after it starts, then `--resume`d (and killed again) until it completes; "
+        "the chain in progress when the kills are done is completed without a kill",
         f"- seed {args.seed}; one thread per process",
         "",
         *tally_rows(saves, training),
@@ -526,6 +537,11 @@ def main() -> int:
     kills = saves.kills + training.kills
     survived = saves.survived + training.survived
     lines.append(f"- {survived} of {kills} kills left a checkpoint equal to a completed save")
+    if training.steps:
+        lines.append(
+            f"- training: the checkpoint's step after each kill (of {TRAIN_STEPS}): "
+            + ", ".join(str(s) for s in training.steps)
+        )
     for failure in saves.failures + training.failures:
         lines.append(f"- FAILURE: {failure}")
     if fuzz is not None:
