@@ -107,9 +107,12 @@ def _child_train(argv: list[str]) -> int:
 
 def zygote() -> None:
     """Read one JSON job per line; fork a child for it; report its pid, then its exit status."""
-    import torch  # noqa: F401 (imported once here, inherited by every child)
+    import torch._dynamo  # noqa: F401 (imported once here, inherited by every child: AdamW imports it)
 
     import l4lab.__main__  # noqa: F401
+    from l4lab.data import corpus_text
+
+    corpus_text()  # read and cached once (pure Python: no torch thread exists before the forks)
 
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
@@ -260,12 +263,17 @@ class Tally:
         self.phases[phase] = self.phases.get(phase, 0) + 1
 
 
-def _phase(directory: Path) -> str:
-    if (directory / JOURNAL_NAME).exists():
+def _phase(directory: Path, before: set[str]) -> str:
+    """Where a kill landed, from what it left in ``directory`` beside what was there before (``before``:
+    the staging entries left by earlier kills, which the process's first save clears)."""
+    journal = directory / JOURNAL_NAME
+    if journal.exists() and json.loads(journal.read_text())["staging"] not in before:
         return "after a commit, before its end"
-    if staging_entries(directory):
+    if set(staging_entries(directory)) - before:
         return "while writing, before the commit"
-    return "between saves"
+    if journal.exists() or set(staging_entries(directory)) & before:
+        return "starting, before its first save"
+    return "between saves, or starting"
 
 
 # ---------------------------------------------------------------------- experiment 1: saves
@@ -293,6 +301,7 @@ def save_kills(zyg: Zygote, workdir: Path, kills: int, deadline_s: float, seed: 
         log = workdir / f"saves-{tally.kills}.log"
         job = {"kind": "saves", "directory": str(directory), "start": last + 1, "saves_log": str(log)}
         job["log"] = str(workdir / "children.log")
+        before = set(staging_entries(directory))
         status, killed = zyg.run(job, kill_after_s=rng.uniform(*SAVE_KILL_AFTER_S))
         if not killed:
             tally.failures.append(f"save child ended by itself with status {status}")
@@ -300,7 +309,7 @@ def save_kills(zyg: Zygote, workdir: Path, kills: int, deadline_s: float, seed: 
         tally.kills += 1
         logged = [int(x) for x in log.read_text().split()] if log.exists() else []
         candidates = [logged[-1], logged[-1] + 1] if logged else [last, last + 1]
-        tally.landed(_phase(directory))
+        tally.landed(_phase(directory, before))
         tally.max_staging = max(tally.max_staging, len(staging_entries(directory)))
         tally.max_journals = max(tally.max_journals, int((directory / JOURNAL_NAME).exists()))
         try:
@@ -353,12 +362,13 @@ def train_kills(zyg: Zygote, workdir: Path, kills: int, deadline_s: float, seed:
         if not resumable:
             argv = ["train", *TRAIN_ARGV, "--out", str(out), "--overwrite"]
         job = {"kind": "train", "argv": argv, "log": str(workdir / "children.log")}
+        before = set(staging_entries(out / "checkpoint"))
         status, killed = zyg.run(job, kill_after_s=None if last else rng.uniform(*TRAIN_KILL_AFTER_S))
         if not killed:
             if status != 0:
                 tally.failures.append(f"a training run ended with status {status}")
                 break
-            tally.finished_first += 1
+            tally.finished_first += int(not last)
             tally.chains += 1
             final = json.loads((out / "metrics.json").read_text())
             tally.chains_exact += int(final == reference)
@@ -378,7 +388,7 @@ def train_kills(zyg: Zygote, workdir: Path, kills: int, deadline_s: float, seed:
             tally.survived += 1  # killed before its first checkpoint: nothing to lose yet
             tally.landed("before the first checkpoint")
             continue
-        tally.landed(_phase(checkpoint))
+        tally.landed(_phase(checkpoint, before))
         trainer = _resumes(out, train_data, val_data)
         tally.steps.append(-1 if trainer is None else trainer.step_count)
         if trainer is None:
