@@ -212,7 +212,7 @@ def test_an_error_at_every_io_call_leaves_one_whole_checkpoint(
             break
         new.save_pretrained(target)
         assert debris(target) == [] and same_model(l4lab.load_pretrained(target), new)
-    assert failures >= (1 if call == "mkdtemp" else 3)
+    assert failures >= (1 if call == "mkdtemp" else 10)
 
 
 def test_disk_full_in_a_training_checkpoint_keeps_the_previous_one(
