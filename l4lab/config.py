@@ -18,6 +18,7 @@ the model reads those specs and never looks at the toggles itself.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,11 @@ BACKEND_CHOICES = ("eager", "fused")
 
 def _invalid(name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"Config.{name} = {value!r} is not allowed: {allowed}")
+
+
+def _is_number(value: Any) -> bool:
+    """A finite real number (bool is not one: True is no rope_theta)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -45,17 +51,18 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
     def validate(self) -> None:
-        if not self.factor >= 1.0:
+        if not _is_number(self.factor) or not self.factor >= 1.0:
             raise _invalid("rope_scaling.factor", self.factor, "a number >= 1")
-        if not self.low_freq_factor > 0:
+        if not _is_number(self.low_freq_factor) or not self.low_freq_factor > 0:
             raise _invalid("rope_scaling.low_freq_factor", self.low_freq_factor, "a positive number")
-        if not self.high_freq_factor >= self.low_freq_factor:
+        if not _is_number(self.high_freq_factor) or not self.high_freq_factor >= self.low_freq_factor:
             raise _invalid(
                 "rope_scaling.high_freq_factor",
                 self.high_freq_factor,
                 f"a number >= low_freq_factor ({self.low_freq_factor})",
             )
-        if not self.original_max_position_embeddings > 0:
+        original = self.original_max_position_embeddings
+        if isinstance(original, bool) or not isinstance(original, int) or not original > 0:
             raise _invalid(
                 "rope_scaling.original_max_position_embeddings",
                 self.original_max_position_embeddings,
@@ -124,6 +131,12 @@ class Config:
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
+            known = [f.name for f in dataclasses.fields(RopeScaling)]
+            unknown = sorted(str(k) for k in set(self.rope_scaling) - set(known))
+            if unknown:
+                raise _invalid(
+                    "rope_scaling", self.rope_scaling, f"None or a dict of {known}; unknown {unknown}"
+                )
             self.rope_scaling = RopeScaling(**self.rope_scaling)
         self.validate()
 
@@ -152,10 +165,10 @@ class Config:
                 raise _invalid(name, value, "a positive integer")
         for name in ("rope_theta", "rms_norm_eps"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise _invalid(name, value, "a positive number")
-        if isinstance(self.attn_scale, bool) or not isinstance(self.attn_scale, (int, float)):
-            raise _invalid("attn_scale", self.attn_scale, "a number")
+            if not _is_number(value) or not value > 0:
+                raise _invalid(name, value, "a positive finite number")
+        if not _is_number(self.attn_scale):
+            raise _invalid("attn_scale", self.attn_scale, "a finite number")
         if self.head_dim % 2:
             raise _invalid("head_dim", self.head_dim, "an even number (RoPE rotates pairs of features)")
         if self.num_heads % self.num_kv_heads:
@@ -182,7 +195,8 @@ class Config:
             self.rope_scaling.validate()
         for name in ("bos_token_id", "eos_token_id"):
             value = getattr(self, name)
-            if value is not None and not 0 <= value < self.vocab_size:
+            integer = isinstance(value, int) and not isinstance(value, bool)
+            if value is not None and not (integer and 0 <= value < self.vocab_size):
                 raise _invalid(name, value, f"None or a token id in [0, {self.vocab_size})")
 
     # ------------------------------------------------------------------ the one place toggles resolve
@@ -213,6 +227,8 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
+        if not isinstance(data, dict):
+            raise TypeError(f"Config.from_dict needs a dict of fields; got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

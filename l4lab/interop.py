@@ -18,23 +18,36 @@ l4lab ``Config``                      transformers ``Llama4TextConfig``
 ====================================  ============================================================
 
 Only safetensors are read: pickle files can run code when loaded.
+
+``save_pretrained`` writes into a directory and replaces only the checkpoint's own files (config.json,
+model.safetensors or the index and its shards), all together or not at all (``l4lab.storage``); every
+other file there stays. It records checksums (of each tensor, and of config.json) that
+``load_pretrained`` checks, and every loading error names the file and what is wrong with it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from l4lab.config import Config, RopeScaling
 from l4lab.model import Llama4
-from l4lab.storage import atomic_directory
+from l4lab.storage import (
+    SafetensorsFile,
+    brief_list,
+    committed_file,
+    read_json,
+    reading,
+    replace_files,
+    save_safetensors,
+    sha256_text,
+)
 
 # prefixes under which published checkpoints store the text model's weights (multimodal ones first)
 _TEXT_PREFIXES = ("language_model.model.", "model.language_model.", "language_model.", "model.")
@@ -44,6 +57,10 @@ _VISION_PREFIXES = (
     "model.vision_model.",
     "model.multi_modal_projector.",
 )
+CONFIG_NAME = "config.json"
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_CHECKSUM_KEY = "l4lab.config_sha256"  # in model.safetensors' or the index's metadata
 
 
 # ---------------------------------------------------------------------- configuration
@@ -95,22 +112,62 @@ def to_transformers_config(config: Config, dtype: torch.dtype | None = None) -> 
     return hf
 
 
+_REQUIRED: Any = object()
+
+
+def _number(
+    hf: dict[str, Any], name: str, kind: type, default: Any = _REQUIRED, minimum: float | None = None
+) -> Any:
+    """``hf[name]`` as an int or float, or ``default`` when absent or null; ValueError naming the field."""
+    value = hf.get(name)
+    if value is None:
+        if default is _REQUIRED:
+            raise ValueError(f"config field {name} is missing")
+        return default
+    integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not integral):
+        raise ValueError(
+            f"config field {name} = {value!r} is not {'an integer' if kind is int else 'a number'}"
+        )
+    if minimum is not None and not value >= minimum:
+        raise ValueError(f"config field {name} = {value!r} is not allowed: at least {minimum}")
+    return kind(value)
+
+
+def _flag(hf: dict[str, Any], name: str, default: bool) -> bool:
+    """``hf[name]`` as a bool (published configs write some flags as numbers: 4 means on)."""
+    value = hf.get(name, default)
+    if value is not None and not isinstance(value, (bool, int, float)):
+        raise ValueError(f"config field {name} = {value!r} is not true or false")
+    return bool(value)
+
+
+def _int_list(hf: dict[str, Any], name: str) -> list[int] | None:
+    value = hf.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"config field {name} = {value!r} is not a list of integers")
+    return value
+
+
 def _rope_from_transformers(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-    rope = dict(hf.get("rope_parameters") or {})
-    legacy = hf.get("rope_scaling") or {}
-    rope = {**legacy, **rope}
-    theta = float(rope.get("rope_theta", hf.get("rope_theta", 500000.0)))
+    for name in ("rope_parameters", "rope_scaling"):
+        if hf.get(name) is not None and not isinstance(hf[name], dict):
+            raise ValueError(f"config field {name} = {hf[name]!r} is not an object")
+    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    theta = _number(rope, "rope_theta", float, _number(hf, "rope_theta", float, 500000.0))
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "default":
         return theta, None
     if kind != "llama3":
         raise ValueError(f"rope_parameters.rope_type {kind!r} is not supported: 'default' or 'llama3'")
-    return theta, RopeScaling(
-        factor=float(rope["factor"]),
-        low_freq_factor=float(rope["low_freq_factor"]),
-        high_freq_factor=float(rope["high_freq_factor"]),
-        original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
-    )
+    fields = {name: _number(rope, name, float) for name in ("factor", "low_freq_factor", "high_freq_factor")}
+    original = _number(rope, "original_max_position_embeddings", int)
+    try:
+        return theta, RopeScaling(**fields, original_max_position_embeddings=original)
+    except ValueError as error:
+        raise ValueError(f"config field rope_parameters: {error}") from None
 
 
 def _every_kth(num_layers: int, step: int) -> list[int]:
@@ -121,7 +178,8 @@ def config_from_transformers(hf: dict[str, Any] | Any) -> Config:
     """An l4lab :class:`Config` from a transformers Llama 4 config (object or ``config.json`` dict).
 
     Accepts the text config or a multimodal config holding one under ``text_config``. Raises
-    ValueError naming the field when the checkpoint uses something l4lab does not model.
+    ValueError naming the field when a field is missing or malformed, or when the checkpoint uses
+    something l4lab does not model.
     """
     if not isinstance(hf, dict):
         hf = hf.to_dict()
@@ -130,6 +188,8 @@ def config_from_transformers(hf: dict[str, Any] | Any) -> Config:
         if not isinstance(hf, dict):
             hf = hf.to_dict()
     if hf.get("l4lab"):
+        if not isinstance(hf["l4lab"], dict):
+            raise ValueError(f"config field l4lab = {hf['l4lab']!r} is not an object of Config fields")
         config = Config.from_dict(hf["l4lab"])
         _check_agrees(config, hf)
         return config
@@ -139,14 +199,15 @@ def config_from_transformers(hf: dict[str, Any] | Any) -> Config:
             raise ValueError(
                 f"config field {name} = {hf[name]!r} is not supported: l4lab models {expected!r}"
             )
-    layers = int(hf["num_hidden_layers"])
-    heads = int(hf["num_attention_heads"])
+    layers = _number(hf, "num_hidden_layers", int, minimum=1)
+    heads = _number(hf, "num_attention_heads", int, minimum=1)
+    hidden = _number(hf, "hidden_size", int, minimum=1)
     theta, scaling = _rope_from_transformers(hf)
 
-    step = int(hf.get("interleave_moe_layer_step", 1))
-    moe_layers = hf.get("moe_layers")
+    step = _number(hf, "interleave_moe_layer_step", int, 1, minimum=1)
+    moe_layers = _int_list(hf, "moe_layers")
     ffn = "moe"
-    if moe_layers is not None and list(moe_layers) != _every_kth(layers, step):
+    if moe_layers is not None and moe_layers != _every_kth(layers, step):
         if len(moe_layers) == 0:
             ffn = "dense"
         else:
@@ -155,51 +216,56 @@ def config_from_transformers(hf: dict[str, Any] | Any) -> Config:
                 "l4lab models MoE layers at (i + 1) % step == 0"
             )
 
-    interval = int(hf.get("no_rope_layer_interval", 4))
-    chunk = hf.get("attention_chunk_size")
-    max_positions = int(hf.get("max_position_embeddings", 131072))
-    uses_rope = list(hf.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(layers)])
+    interval = _number(hf, "no_rope_layer_interval", int, 4, minimum=1)
+    chunk = _number(hf, "attention_chunk_size", int, None)
+    max_positions = _number(hf, "max_position_embeddings", int, 131072)
+    pattern = [int((i + 1) % interval != 0) for i in range(layers)]
+    uses_rope = _int_list(hf, "no_rope_layers") or pattern
     positions = "irope"
     if all(uses_rope[:layers]) and chunk is None:
         positions = "rope"
-    elif uses_rope[:layers] != [int((i + 1) % interval != 0) for i in range(layers)]:
+    elif uses_rope[:layers] != pattern:
         raise ValueError(
             f"config field no_rope_layers = {uses_rope} is not one NoPE layer every no_rope_layer_interval "
             f"({interval}) layers, the only pattern l4lab models"
         )
     return Config(
-        vocab_size=int(hf["vocab_size"]),
-        hidden_size=int(hf["hidden_size"]),
+        vocab_size=_number(hf, "vocab_size", int),
+        hidden_size=hidden,
         num_layers=layers,
         num_heads=heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
-        moe_intermediate_size=int(hf["intermediate_size"]),
-        dense_intermediate_size=int(hf.get("intermediate_size_mlp", hf["intermediate_size"])),
-        num_experts=int(hf.get("num_local_experts", 1)),
-        top_k=int(hf.get("num_experts_per_tok", 1)),
+        num_kv_heads=_number(hf, "num_key_value_heads", int, 0) or heads,
+        head_dim=_number(hf, "head_dim", int, 0) or hidden // heads,
+        moe_intermediate_size=_number(hf, "intermediate_size", int),
+        dense_intermediate_size=_number(
+            hf, "intermediate_size_mlp", int, _number(hf, "intermediate_size", int)
+        ),
+        num_experts=_number(hf, "num_local_experts", int, 1),
+        top_k=_number(hf, "num_experts_per_tok", int, 1),
         moe_layer_step=step,
         nope_layer_interval=interval,
-        attention_chunk_size=int(chunk) if chunk is not None else max_positions,
-        temperature_tuning=bool(hf.get("attn_temperature_tuning", True)),
-        floor_scale=int(hf.get("floor_scale", 8192)),
-        attn_scale=float(hf.get("attn_scale", 0.1)),
-        use_qk_norm=bool(hf.get("use_qk_norm", True)),
+        attention_chunk_size=chunk if chunk is not None else max_positions,
+        temperature_tuning=_flag(hf, "attn_temperature_tuning", True),
+        floor_scale=_number(hf, "floor_scale", int, 8192),
+        attn_scale=_number(hf, "attn_scale", float, 0.1),
+        use_qk_norm=_flag(hf, "use_qk_norm", True),
         rope_theta=theta,
         rope_scaling=scaling,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+        rms_norm_eps=_number(hf, "rms_norm_eps", float, 1e-5),
         max_position_embeddings=max_positions,
         ffn=ffn,
         positions=positions,
-        bos_token_id=_single_id(hf.get("bos_token_id")),
-        eos_token_id=_single_id(hf.get("eos_token_id")),
+        bos_token_id=_single_id(hf, "bos_token_id"),
+        eos_token_id=_single_id(hf, "eos_token_id"),
     )
 
 
-def _single_id(value: Any) -> int | None:
+def _single_id(hf: dict[str, Any], name: str) -> int | None:
+    value = hf.get(name)
     if isinstance(value, list):
-        return int(value[0]) if value else None
-    return None if value is None else int(value)
+        ids = _int_list(hf, name)
+        return ids[0] if ids else None
+    return _number(hf, name, int, None)
 
 
 def _check_agrees(config: Config, hf: dict[str, Any]) -> None:
@@ -249,7 +315,7 @@ def _set_parameter(model: nn.Module, name: str, tensor: Tensor) -> None:
 
 
 class _WeightChecker:
-    """Collects missing, unexpected and mis-shaped keys, then reports them all at once."""
+    """Collects missing, unexpected, mis-shaped and mis-typed keys, then reports them all at once."""
 
     def __init__(self, model: nn.Module, source: str) -> None:
         self.expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
@@ -257,29 +323,40 @@ class _WeightChecker:
         self.seen: set[str] = set()
         self.unexpected: list[str] = []
         self.misshaped: list[str] = []
+        self.mistyped: list[str] = []
 
-    def accept(self, key: str, name: str | None, shape: tuple[int, ...]) -> bool:
+    def accept(self, key: str, name: str | None, shape: tuple[int, ...], where: str = "") -> bool:
         if name is None:
             return False
         if name not in self.expected:
             self.unexpected.append(key)
             return False
         if tuple(shape) != self.expected[name]:
-            self.misshaped.append(f"{key}: expected {self.expected[name]}, got {tuple(shape)}")
+            self.misshaped.append(f"{key}: expected {self.expected[name]}, got {tuple(shape)}{where}")
             self.seen.add(name)  # reported as mis-shaped, not also as missing
             return False
         self.seen.add(name)
+        return True
+
+    def dtype_is_wrong(self, key: str, found: torch.dtype, expected: torch.dtype | None, why: str) -> bool:
+        """Record ``key`` as mis-typed unless it is floating point (and ``expected``, when given)."""
+        if found.is_floating_point and expected in (None, found):
+            return False
+        wanted = "a floating-point dtype" if expected is None else str(expected).removeprefix("torch.")
+        self.mistyped.append(f"{key}: expected {wanted}{why}, got {str(found).removeprefix('torch.')}")
         return True
 
     def raise_if_wrong(self) -> None:
         missing = sorted(checkpoint_key(n) for n in set(self.expected) - self.seen)
         problems = []
         if missing:
-            problems.append(f"missing keys {missing}")
+            problems.append(f"missing keys {brief_list(missing)}")
         if self.unexpected:
-            problems.append(f"unexpected keys {sorted(self.unexpected)}")
+            problems.append(f"unexpected keys {brief_list(sorted(self.unexpected))}")
         if self.misshaped:
-            problems.append(f"mis-shaped keys {self.misshaped}")
+            problems.append(f"mis-shaped keys {brief_list(self.misshaped)}")
+        if self.mistyped:
+            problems.append(f"mis-typed keys {brief_list(self.mistyped)}")
         if problems:
             raise ValueError(f"weights in {self.source} do not fit the model: " + "; ".join(problems))
 
@@ -312,65 +389,151 @@ def from_transformers(hf_model: nn.Module) -> Llama4:
     return model.to(dtype)
 
 
-def _shard_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [path / name for name in sorted(set(weight_map.values()))]
-    single = path / "model.safetensors"
-    if single.exists():
-        return [single]
+# ---------------------------------------------------------------------- checkpoint directories
+def _read_config(
+    path: Path, config_file: Path, verify: bool, recorded: tuple[str, str] | None
+) -> tuple[Config, torch.dtype | None]:
+    """The Config in ``path``'s config.json and the dtype it declares; errors name the file.
+
+    ``recorded``: (the sha256 of config.json that l4lab recorded when saving, the file it is in)."""
+    if (
+        verify
+        and recorded is not None
+        and hashlib.sha256(config_file.read_bytes()).hexdigest() != recorded[0]
+    ):
+        raise ValueError(
+            f"{path / CONFIG_NAME} was changed after l4lab saved it with these weights (its sha256 differs "
+            f"from the one recorded in {recorded[1]}): one of the two is corrupt, or config.json was edited "
+            "by hand. To keep an edit on purpose, load with verify=False and save again"
+        )
+    hf = read_json(config_file)
+    if not isinstance(hf, dict):
+        raise ValueError(
+            f"{path / CONFIG_NAME} holds a JSON {type(hf).__name__}, not an object of config fields"
+        )
+    try:
+        config = config_from_transformers(hf)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{path / CONFIG_NAME}: {error}") from None
+    declared = hf.get("dtype", hf.get("torch_dtype"))
+    if declared is None and isinstance(hf.get("text_config"), dict):
+        declared = hf["text_config"].get("dtype", hf["text_config"].get("torch_dtype"))
+    dtype = getattr(torch, declared, None) if isinstance(declared, str) else None
+    return config, dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+def _weight_files(path: Path) -> tuple[list[tuple[Path, set[str] | None]], dict[str, Any]]:
+    """The weight files of the checkpoint in ``path``, each with the keys its index maps to it (None
+    without an index), and the index's metadata."""
+    index_file = committed_file(path, INDEX_NAME)
+    if index_file is not None:
+        index = read_json(index_file)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        plain = isinstance(weight_map, dict) and all(
+            isinstance(v, str) and v and Path(v).name == v for v in weight_map.values()
+        )
+        if not plain or not weight_map:
+            raise ValueError(
+                f"{path / INDEX_NAME} has no valid weight_map (an object from tensor names to shard file "
+                "names in this directory): it is corrupt"
+            )
+        keys_by_file: dict[str, set[str]] = {}
+        for key, name in weight_map.items():
+            keys_by_file.setdefault(name, set()).add(key)
+        files = []
+        for name in sorted(keys_by_file):
+            shard = committed_file(path, name)
+            if shard is None:
+                example = sorted(keys_by_file[name])[0]
+                raise FileNotFoundError(
+                    f"{path / name} does not exist: {INDEX_NAME} names it as the shard holding "
+                    f"{len(keys_by_file[name])} tensors (e.g. {example})"
+                )
+            files.append((shard, keys_by_file[name]))
+        metadata = index.get("metadata")
+        return files, metadata if isinstance(metadata, dict) else {}
+    single = committed_file(path, SINGLE_NAME)
+    if single is not None:
+        return [(single, None)], {}
     pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
     hint = (
         f" (found {pickles}: l4lab never reads pickle files, convert them to safetensors)" if pickles else ""
     )
-    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}{hint}")
+    raise FileNotFoundError(f"no {SINGLE_NAME} or {INDEX_NAME} in {path}{hint}")
 
 
-def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str = "cpu") -> Llama4:
+def _check_index_keys(shard: SafetensorsFile, keys: set[str] | None) -> None:
+    """The index and the shard it points to must agree on which tensors the shard holds."""
+    if keys is None:
+        return
+    held = set(shard.keys())
+    if keys - held:
+        raise ValueError(
+            f"{shard.path.name} lacks tensors that {INDEX_NAME} says it holds: "
+            f"{brief_list(sorted(keys - held))}"
+        )
+    if held - keys:
+        raise ValueError(
+            f"{shard.path.name} holds tensors that {INDEX_NAME} does not map to it: "
+            f"{brief_list(sorted(held - keys))}"
+        )
+
+
+def load_pretrained(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str = "cpu", verify: bool = True
+) -> Llama4:
     """Load a local checkpoint directory (config.json + safetensors, one file or shards with an index).
 
     The model is built on the meta device and each tensor is read straight into its place, so memory
     peaks at the model plus one tensor, never two copies of the model. ``dtype`` converts the weights
-    (default: as stored). Vision weights of multimodal checkpoints are skipped.
+    (default: as stored, which must then be one floating-point dtype, the one config.json declares).
+    Vision weights of multimodal checkpoints are skipped. Checkpoints saved by l4lab carry checksums,
+    checked unless ``verify`` is False. Every error names the file and what is wrong with it.
     """
     path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"no config.json in {path}")
-    config = config_from_transformers(json.loads(config_file.read_text()))
-    with torch.device("meta"):
-        model = Llama4(config)
-    checker = _WeightChecker(model, str(path))
-    for shard in _shard_files(path):
-        with safe_open(str(shard), framework="pt", device=device) as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                name = l4lab_key(key)
-                if name is not None and name.startswith("rotary_emb."):
-                    continue
-                shape = tuple(f.get_slice(key).get_shape())
-                if checker.accept(key, name, shape):
-                    tensor = f.get_tensor(key)
+    if not path.is_dir():
+        there = "a file" if path.exists() else "nothing"
+        raise FileNotFoundError(f"no checkpoint directory at {path} ({there} is there)")
+    with reading(path):
+        config_file = committed_file(path, CONFIG_NAME)
+        if config_file is None:
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {path}")
+        files, index_metadata = _weight_files(path)
+        with SafetensorsFile(files[0][0], device, verify) as first:
+            recorded = (index_metadata.get(CONFIG_CHECKSUM_KEY), INDEX_NAME)
+            if recorded[0] is None:
+                recorded = (first.metadata.get(CONFIG_CHECKSUM_KEY), first.path.name)
+        config, declared = _read_config(
+            path, config_file, verify, recorded if isinstance(recorded[0], str) else None
+        )
+        with torch.device("meta"):
+            model = Llama4(config)
+        checker = _WeightChecker(model, str(path))
+        expected = dtype if dtype is not None else declared
+        why = "" if dtype is not None or declared is None else f" ({CONFIG_NAME}'s dtype)"
+        for shard_path, keys in files:
+            with SafetensorsFile(shard_path, device, verify) as shard:
+                _check_index_keys(shard, keys)
+                for key in shard.keys():  # noqa: SIM118 (not a mapping)
+                    name = l4lab_key(key)
+                    if name is not None and name.startswith("rotary_emb."):
+                        continue
+                    if not checker.accept(key, name, shard.shape(key), f" in {shard_path.name}"):
+                        continue
+                    tensor = shard.get(key)
+                    if checker.dtype_is_wrong(
+                        key, tensor.dtype, None if dtype is not None else expected, why
+                    ):
+                        continue
+                    expected = expected or tensor.dtype  # without a declared dtype, the first one found
                     _set_parameter(model, name, tensor if dtype is None else tensor.to(dtype))
-    checker.raise_if_wrong()
+        checker.raise_if_wrong()
     _materialise_buffers(model, device)
     return model
 
 
-def save_pretrained(model: Llama4, path: str | os.PathLike, max_shard_bytes: int = 4 * 2**30) -> None:
-    """Write ``config.json`` and safetensors shards that transformers' ``Llama4ForCausalLM`` loads.
-
-    Written into a temporary directory beside ``path`` and moved into place at the end, so an
-    interrupted save never leaves a half-written checkpoint, and an existing one is replaced whole.
-    """
-    biased = [name for name, b in model.named_buffers() if name.endswith("selection_bias") and bool(b.any())]
-    if biased:
-        raise ValueError(
-            f"routers {biased} carry a non-zero selection bias (auxiliary-loss-free balancing); "
-            "transformers' Llama 4 has no such bias, so the exported model would route differently. "
-            "Save the training checkpoint instead (l4lab.train), or train with another balancing method"
-        )
-    state = {checkpoint_key(n): p.detach().contiguous().cpu() for n, p in model.named_parameters()}
+def _shards(state: dict[str, Tensor], max_shard_bytes: int) -> list[dict[str, Tensor]]:
+    """Consecutive tensors grouped into shards of at most ``max_shard_bytes`` (one tensor may exceed it)."""
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
     for key, tensor in state.items():
@@ -380,18 +543,66 @@ def save_pretrained(model: Llama4, path: str | os.PathLike, max_shard_bytes: int
             size = 0
         shards[-1][key] = tensor
         size += nbytes
+    return shards
 
-    with atomic_directory(path) as staging:
-        config = to_transformers_config(model.config, model.dtype)
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+def _saved_weight_names(path: Path) -> set[str]:
+    """The weight files of the checkpoint already in ``path``: model.safetensors, the index and the
+    shards it names. A corrupt index names no shards: files that cannot be identified are left alone."""
+    names = {name for name in (SINGLE_NAME, INDEX_NAME) if (path / name).is_file()}
+    if INDEX_NAME in names:
+        try:
+            weight_map = json.loads((path / INDEX_NAME).read_text())["weight_map"]
+            names |= {
+                v
+                for v in weight_map.values()
+                if isinstance(v, str) and Path(v).name == v and v.endswith(".safetensors")
+            }
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+    return names
+
+
+def save_pretrained(model: Llama4, path: str | os.PathLike, max_shard_bytes: int = 4 * 2**30) -> None:
+    """Write ``config.json`` and safetensors shards that transformers' ``Llama4ForCausalLM`` loads.
+
+    ``path`` is a directory (created if needed; a regular file there is refused). Only the checkpoint's
+    own files are replaced: config.json, and model.safetensors or model.safetensors.index.json with its
+    shards, including those of an earlier save that this one no longer needs. Every other file stays.
+    The new files are written beside the old ones, fsynced, and committed together
+    (``l4lab.storage.replace_files``): a save that is interrupted, killed or runs out of disk leaves the
+    previous checkpoint or the new one, never a mix. The weights carry checksums that
+    :func:`load_pretrained` checks.
+    """
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes = {max_shard_bytes!r} is not allowed: a positive integer")
+    biased = [name for name, b in model.named_buffers() if name.endswith("selection_bias") and bool(b.any())]
+    if biased:
+        raise ValueError(
+            f"routers {biased} carry a non-zero selection bias (auxiliary-loss-free balancing); "
+            "transformers' Llama 4 has no such bias, so the exported model would route differently. "
+            "Save the training checkpoint instead (l4lab.train), or train with another balancing method"
+        )
+    state = {checkpoint_key(n): p.detach().contiguous().cpu() for n, p in model.named_parameters()}
+    shards = _shards(state, max_shard_bytes)
+    config_text = json.dumps(to_transformers_config(model.config, model.dtype), indent=2) + "\n"
+    recorded = {CONFIG_CHECKSUM_KEY: sha256_text(config_text)}
+
+    with replace_files(path) as staging:
+        previous = _saved_weight_names(Path(path))
+        staging.write_text(CONFIG_NAME, config_text)
         if len(shards) == 1:
-            save_file(shards[0], str(staging / "model.safetensors"), metadata={"format": "pt"})
-            return
-        weight_map = {}
-        for i, shard in enumerate(shards, start=1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(staging / name), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, name))
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            save_safetensors(shards[0], staging.path(SINGLE_NAME), metadata=recorded)
+            written = {SINGLE_NAME}
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, start=1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_safetensors(shard, staging.path(name))
+                weight_map.update(dict.fromkeys(shard, name))
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total, **recorded}, "weight_map": weight_map}
+            staging.write_text(INDEX_NAME, json.dumps(index, indent=2) + "\n")
+            written = {INDEX_NAME, *weight_map.values()}
+        for name in sorted(previous - written):
+            staging.remove(name)

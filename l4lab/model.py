@@ -16,6 +16,8 @@ Parameter names are the ones of published checkpoints (transformers' ``Llama4For
 from __future__ import annotations
 
 import math
+import numbers
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -344,8 +346,11 @@ class Llama4(nn.Module):
             layer.self_attn.temperature = Temperature(config.floor_scale, config.attn_scale)
         self.config = config
 
-    def save_pretrained(self, path: str) -> None:
-        """Write a checkpoint directory that transformers' ``Llama4ForCausalLM`` loads (``l4lab.interop``)."""
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write a checkpoint directory that transformers' ``Llama4ForCausalLM`` loads (``l4lab.interop``).
+
+        Only the checkpoint's own files in ``path`` are replaced, all at once; other files there stay.
+        """
         from l4lab.interop import save_pretrained
 
         save_pretrained(self, path)
@@ -409,12 +414,7 @@ class Llama4(nn.Module):
         ``seed``. A sequence that emits ``eos_token_id`` keeps emitting it; generation stops early once
         every sequence has.
         """
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be a non-negative integer; got {max_new_tokens!r}")
-        if not temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 means greedy); got {temperature!r}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1]; got {top_p!r}")
+        check_generation_arguments(self.config, max_new_tokens, temperature, top_p, seed, eos_token_id)
         check_input_ids(input_ids, self.config, 0, self.device)
         total = input_ids.shape[1] + max_new_tokens
         if total > self.config.max_position_embeddings:
@@ -459,6 +459,34 @@ def sample_next_token(
 
 
 # ---------------------------------------------------------------------- input checks
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_generation_arguments(
+    config: Config, max_new_tokens: Any, temperature: Any, top_p: Any, seed: Any, eos_token_id: Any
+) -> None:
+    """Raise an error naming the argument of ``generate`` that is wrong, and what it must be."""
+    if not _is_integer(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer; got {max_new_tokens!r}")
+    if not _is_real(temperature) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy); got {temperature!r}")
+    if not _is_real(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1]; got {top_p!r}")
+    if seed is not None and (not _is_integer(seed) or not -(2**63) <= seed < 2**64):
+        raise ValueError(f"seed must be None or an integer in [-2**63, 2**64); got {seed!r}")
+    if eos_token_id is not None and (
+        not _is_integer(eos_token_id) or not 0 <= eos_token_id < config.vocab_size
+    ):
+        raise ValueError(
+            f"eos_token_id must be None or a token id in [0, {config.vocab_size}); got {eos_token_id!r}"
+        )
+
+
 def check_input_ids(input_ids: Tensor, config: Config, position: int, device: torch.device) -> None:
     """Raise an error that says what is wrong with ``input_ids`` and what to pass instead."""
     if not isinstance(input_ids, torch.Tensor):
@@ -470,6 +498,11 @@ def check_input_ids(input_ids: Tensor, config: Config, position: int, device: to
         raise TypeError(
             f"input_ids has dtype {input_ids.dtype}; token ids must be integers (torch.long). "
             "Pass token ids, not embeddings or probabilities (ids.long() converts)."
+        )
+    if input_ids.dtype not in (torch.long, torch.int32):
+        raise TypeError(
+            f"input_ids has dtype {input_ids.dtype}; token ids must be torch.long (or torch.int32), which "
+            "the embedding table takes (ids.long() converts)"
         )
     if input_ids.dim() != 2:
         hint = " (a single sequence: use ids[None])" if input_ids.dim() == 1 else ""

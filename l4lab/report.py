@@ -5,8 +5,8 @@ plotly package, and every figure after the first reuses it. Nothing is fetched f
 works on a machine without network access and still shows the same thing in ten years.
 
 Each figure is embedded with a fixed ``div`` id (``figure-0``, ``figure-1``, ...), so the same run
-gives the same file, byte for byte. The file is written to a temporary file beside ``path`` and moved
-into place with ``os.replace``: a reader (or a crash) never sees half a report.
+gives the same file, byte for byte. The file is written beside ``path``, fsynced and moved into place
+(``l4lab.storage.atomic_write_text``): a reader (or a crash) never sees half a report.
 
 ::
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import html
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import plotly.graph_objects as go
 
 from l4lab import viz
+from l4lab.storage import atomic_write_text
 
 __all__ = ["atomic_write_text", "format_value", "write_report"]
 
@@ -43,30 +43,6 @@ th { background: #e8ecf4; }
 td.value { font-family: monospace; white-space: pre-wrap; }
 footer { margin-top: 3em; color: #888; font-size: 0.85em; }
 """
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` all at once: a temporary file beside it, then ``os.replace``.
-
-    ``os.replace`` is atomic on one file system, so ``path`` holds either the old content or the new,
-    never a mixture. The parent directory is created if needed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)  # mkstemp makes the file private (0600): give it a plain file's mode
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def format_value(value: Any) -> str:

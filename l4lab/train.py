@@ -10,22 +10,27 @@ One optimisation step::
     nudge each router's selection bias toward balance     (balance = "aux_free")
 
 Checkpoints are directories of safetensors (model, optimiser moments) and JSON (configs, step, history,
-the batch sampler's random state), written atomically. Resuming from one continues the run exactly:
-the same batches, the same learning rates, the same losses as a run that never stopped.
+the batch sampler's random state), the three files committed together (``l4lab.storage.replace_files``):
+a save that is killed leaves the previous checkpoint or the new one, never a mix, and other files in the
+directory stay. The safetensors carry checksums of every tensor and of state.json, checked on loading.
+Resuming from one continues the run exactly: the same batches, the same learning rates, the same losses
+as a run that never stopped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -33,10 +38,20 @@ from l4lab.config import Config
 from l4lab.data import BatchSampler, TokenDataset
 from l4lab.model import Llama4, RoutingRecord
 from l4lab.routing import router_z_loss, switch_loss, update_selection_bias
-from l4lab.storage import atomic_directory
+from l4lab.storage import (
+    SafetensorsFile,
+    brief_list,
+    committed_file,
+    read_json,
+    reading,
+    replace_files,
+    save_safetensors,
+    sha256_text,
+)
 
 BALANCE_CHOICES = ("aux_free", "switch", "none")
 CHECKPOINT_FORMAT = 1
+STATE_CHECKSUM_KEY = "l4lab.state_sha256"  # in model.safetensors' metadata: the sha256 of state.json
 
 
 @dataclass
@@ -185,8 +200,17 @@ class Trainer:
             weight += stop - start
         return total / weight
 
-    def run(self, progress: bool = True, time_limit_s: float | None = None) -> list[dict[str, float]]:
-        """Train until ``config.steps`` (or the time limit); a tqdm bar shows the loss."""
+    def run(
+        self,
+        progress: bool = True,
+        time_limit_s: float | None = None,
+        after_step: Callable[[Trainer], bool | None] | None = None,
+    ) -> list[dict[str, float]]:
+        """Train until ``config.steps`` (or the time limit); a tqdm bar shows the loss.
+
+        ``after_step(trainer)`` is called after each step (to save periodic checkpoints, say); when it
+        returns True the run stops there (the command line stops this way on Ctrl-C).
+        """
         started = time.monotonic()
         with tqdm(
             total=self.config.steps, initial=self.step_count, disable=not progress, desc="training"
@@ -196,13 +220,19 @@ class Trainer:
                 bar.update(1)
                 # refresh=False: update() redraws, rate-limited; a redraw per step floods a notebook
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
+                if after_step is not None and after_step(self):
+                    break
                 if time_limit_s is not None and time.monotonic() - started > time_limit_s:
                     break
         return self.history
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, path: str | Path) -> None:
-        """Write a checkpoint directory atomically (safetensors and JSON only, no pickle)."""
+    def save(self, path: str | Path, metadata: dict[str, Any] | None = None) -> None:
+        """Write a checkpoint directory (safetensors and JSON only, no pickle), its files all at once.
+
+        ``metadata``: JSON-serialisable facts kept with the checkpoint (the command line records how
+        to rebuild the run's data); :func:`checkpoint_state` reads them back under ``"metadata"``.
+        """
         names = {id(p): n for n, p in self.model.named_parameters()}
         moments: dict[str, Tensor] = {}
         for group in self.optimizer.param_groups:
@@ -217,56 +247,168 @@ class Trainer:
             "history": self.history,
             "sampler": self.sampler.state(),
         }
-        with atomic_directory(path) as staging:
-            model_state = {n: t.detach().contiguous() for n, t in self.model.state_dict().items()}
-            save_file(model_state, str(staging / "model.safetensors"))
-            save_file(moments, str(staging / "optimizer.safetensors"))
-            (staging / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+        if metadata is not None:
+            state["metadata"] = metadata
+        state_text = json.dumps(state, indent=1) + "\n"
+        model_state = {n: t.detach().contiguous() for n, t in self.model.state_dict().items()}
+        with replace_files(path) as staging:
+            recorded = {STATE_CHECKSUM_KEY: sha256_text(state_text)}
+            save_safetensors(model_state, staging.path("model.safetensors"), metadata=recorded)
+            save_safetensors(moments, staging.path("optimizer.safetensors"))
+            staging.write_text("state.json", state_text)
 
     @classmethod
     def resume(
         cls, path: str | Path, train_data: TokenDataset, val_data: TokenDataset | None = None
     ) -> Trainer:
-        """Rebuild model, optimiser, schedule and batch stream from a checkpoint written by ``save``."""
+        """Rebuild model, optimiser, schedule and batch stream from a checkpoint written by ``save``.
+
+        Every problem with the checkpoint is a ValueError or FileNotFoundError naming the file.
+        """
         path = Path(path)
-        state = json.loads((path / "state.json").read_text())
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not an l4lab training checkpoint of format {CHECKPOINT_FORMAT}")
-        model = load_checkpoint_model(path)
-        trainer = cls(model, train_data, val_data, TrainConfig(**state["train_config"]))
-        moments = load_file(str(path / "optimizer.safetensors"))
-        params = dict(model.named_parameters())
-        for name, param in params.items():
-            entry = {
-                key.removeprefix(f"{name}."): value
-                for key, value in moments.items()
-                if key.rsplit(".", 1)[0] == name
-            }
-            if entry:
-                for key in ("exp_avg", "exp_avg_sq"):
-                    entry[key] = entry[key].view_as(param)
-                entry["step"] = entry["step"].reshape(())
-                trainer.optimizer.state[param] = entry
+        with reading(path):
+            state = checkpoint_state(path)
+            model = _read_checkpoint_model(path, state)
+            try:
+                train_config = TrainConfig(**state["train_config"])
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"{path / 'state.json'}: train_config: {error}") from None
+            trainer = cls(model, train_data, val_data, train_config)
+            _load_moments(trainer, path)
         trainer.step_count = state["step"]
         trainer.history = state["history"]
-        trainer.sampler.load_state(state["sampler"])
+        try:
+            trainer.sampler.load_state(state["sampler"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(
+                f"{path / 'state.json'}: the sampler's state does not fit these training rows ({error})"
+            ) from None
         return trainer
+
+
+def checkpoint_state(path: str | Path) -> dict[str, Any]:
+    """state.json of a training checkpoint (step, configs, history, sampler, metadata), checked."""
+    path = Path(path)
+    if not path.is_dir():
+        there = "a file" if path.exists() else "nothing"
+        raise FileNotFoundError(f"no training checkpoint directory at {path} ({there} is there)")
+    state_file = committed_file(path, "state.json")
+    if state_file is None:
+        raise FileNotFoundError(f"{path / 'state.json'} does not exist: {path} is not a training checkpoint")
+    state = read_json(state_file)
+    name = path / "state.json"
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{name} is not the state of an l4lab training checkpoint of format {CHECKPOINT_FORMAT}"
+        )
+    kinds = {"model_config": dict, "train_config": dict, "step": int, "history": list, "sampler": dict}
+    for field, kind in kinds.items():
+        if not isinstance(state.get(field), kind) or isinstance(state.get(field), bool):
+            raise ValueError(
+                f"{name}: field {field} is missing or not a {kind.__name__}: the file is corrupt"
+            )
+    if state["step"] < 0 or len(state["history"]) != state["step"]:
+        raise ValueError(
+            f"{name}: step {state['step']} but {len(state['history'])} steps of history: the file is corrupt"
+        )
+    if not all(isinstance(h, dict) for h in state["history"]):
+        raise ValueError(f"{name}: history holds something other than one object per step: it is corrupt")
+    return state
+
+
+def _check_state_checksum(path: Path, weights: SafetensorsFile) -> None:
+    recorded = weights.metadata.get(STATE_CHECKSUM_KEY)
+    if recorded is None:
+        return  # a checkpoint written before checksums
+    state_file = committed_file(path, "state.json")
+    if state_file is not None and hashlib.sha256(state_file.read_bytes()).hexdigest() != recorded:
+        raise ValueError(
+            f"{path / 'state.json'} was changed after the checkpoint was saved (its sha256 differs from the "
+            "one recorded in model.safetensors): it is corrupt, or edited by hand"
+        )
+
+
+def _read_checkpoint_model(path: Path, state: dict[str, Any]) -> Llama4:
+    try:
+        config = Config.from_dict(state["model_config"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path / 'state.json'}: model_config: {error}") from None
+    weights_file = committed_file(path, "model.safetensors")
+    if weights_file is None:
+        raise FileNotFoundError(f"{path / 'model.safetensors'} does not exist: the checkpoint is incomplete")
+    model = Llama4(config)
+    expected = model.state_dict()
+    with SafetensorsFile(weights_file) as weights:
+        _check_state_checksum(path, weights)
+        keys = set(weights.keys())
+        if keys != set(expected):
+            missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
+            raise ValueError(
+                f"{path / 'model.safetensors'} does not fit its config: missing {brief_list(missing)}, "
+                f"unexpected {brief_list(unexpected)}"
+            )
+        loaded = {key: weights.get(key) for key in sorted(keys)}
+    dtype = Counter(t.dtype for t in loaded.values()).most_common(1)[0][0]  # the model's, but for a stray one
+    for key, tensor in loaded.items():
+        problem = None
+        if tensor.shape != expected[key].shape:
+            problem = f"expected shape {tuple(expected[key].shape)}, got {tuple(tensor.shape)}"
+        elif tensor.dtype != dtype or not dtype.is_floating_point:
+            wanted = (
+                f"{dtype}, like the other tensors" if dtype.is_floating_point else "a floating-point dtype"
+            )
+            problem = f"expected {wanted}, got {tensor.dtype}"
+        if problem is not None:
+            raise ValueError(f"{path / 'model.safetensors'}: {key}: {problem}")
+    model.to(dtype).load_state_dict(loaded)
+    return model
+
+
+def _load_moments(trainer: Trainer, path: Path) -> None:
+    """Put the optimiser's moments saved in ``path`` back into ``trainer.optimizer``."""
+    moments_file = committed_file(path, "optimizer.safetensors")
+    name = path / "optimizer.safetensors"
+    if moments_file is None:
+        raise FileNotFoundError(f"{name} does not exist: the checkpoint is incomplete")
+    params = dict(trainer.model.named_parameters())
+    with SafetensorsFile(moments_file) as moments:
+        entries: dict[str, dict[str, Tensor]] = {}
+        for key in moments.keys():  # noqa: SIM118 (not a mapping)
+            param, _, kind = key.rpartition(".")
+            if param not in params or kind not in ("exp_avg", "exp_avg_sq", "step"):
+                raise ValueError(f"{name}: {key} is not a moment of any parameter of the model")
+            entries.setdefault(param, {})[kind] = moments.get(key)
+    for param_name, entry in entries.items():
+        param = params[param_name]
+        missing = [f"{param_name}.{kind}" for kind in ("exp_avg", "exp_avg_sq", "step") if kind not in entry]
+        if missing:
+            raise ValueError(f"{name}: moments {missing} are missing (the others of {param_name} are there)")
+        for kind, numel, dtype in (
+            ("exp_avg", param.numel(), param.dtype),
+            ("exp_avg_sq", param.numel(), param.dtype),
+            ("step", 1, None),
+        ):
+            found = entry[kind]
+            if (
+                found.numel() != numel
+                or not found.dtype.is_floating_point
+                or dtype not in (None, found.dtype)
+            ):
+                raise ValueError(
+                    f"{name}: {param_name}.{kind}: expected {numel} values of "
+                    f"{dtype or 'a floating-point dtype'}, got {found.numel()} of {found.dtype}"
+                )
+        for kind in ("exp_avg", "exp_avg_sq"):
+            entry[kind] = entry[kind].view_as(param)
+        entry["step"] = entry["step"].reshape(())
+        trainer.optimizer.state[param] = entry
 
 
 def load_checkpoint_model(path: str | Path) -> Llama4:
     """The model saved in a training checkpoint directory (weights and router biases)."""
     path = Path(path)
-    state = json.loads((path / "state.json").read_text())
-    model = Llama4(Config.from_dict(state["model_config"]))
-    weights = load_file(str(path / "model.safetensors"))
-    expected = set(model.state_dict())
-    if set(weights) != expected:
-        raise ValueError(
-            f"checkpoint {path} does not fit its config: missing {sorted(expected - set(weights))}, "
-            f"unexpected {sorted(set(weights) - expected)}"
-        )
-    model.load_state_dict(weights)
-    return model
+    with reading(path):
+        return _read_checkpoint_model(path, checkpoint_state(path))
 
 
 def metrics_json(history: list[dict[str, Any]]) -> str:

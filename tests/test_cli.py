@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -154,6 +158,131 @@ def test_tour(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "<title>l4lab tour</title>" in (out / "report.html").read_text()
 
 
+# ---------------------------------------------------------------------- runs are never overwritten
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: much faster for these tiny runs on a busy machine (two threads contend)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_a_second_run_into_the_same_out_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture, one_thread: None
+) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert cli.main(["train", "--out", str(out), *SMALL]) == 0
+    before = run_files(out)
+    capsys.readouterr()
+    for command in (["train", "--seed", "1", *SMALL], ["tour", "--steps", "2", "--quiet"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([*command, "--out", str(out)])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert (
+            f"--out {out} already holds a run (checkpoint, metrics.json, report.html); nothing was changed"
+            in error
+        )
+        assert f"python -m l4lab train --resume --out {out}" in error and "add --overwrite" in error
+        assert run_files(out) == before
+    assert cli.main(["train", "--out", str(out), "--seed", "1", "--overwrite", *SMALL]) == 0
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["train_config"]["seed"] == 1
+    assert (out / "notes.txt").read_text() == "mine"
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--out", str(afile), *SMALL])
+    assert "is a file, not a directory" in capsys.readouterr().err and afile.read_text() == "mine"
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--resume", "--out", str(tmp_path / "empty")])
+    assert "holds no checkpoint to continue" in capsys.readouterr().err
+
+
+DETERMINISTIC = ["--steps", "6", "--minutes", "0", "--seq-len", "32", "--batch-size", "2", "--quiet"]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, one_thread: None
+) -> None:
+    assert cli.main(["train", "--out", str(tmp_path / "whole"), *DETERMINISTIC]) == 0
+    step = Trainer.step
+
+    def step_then_ctrl_c(self: Trainer) -> dict[str, float]:
+        metrics = step(self)
+        if self.step_count == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during step 3: honoured once it is complete
+        return metrics
+
+    monkeypatch.setattr(Trainer, "step", step_then_ctrl_c)
+    out = tmp_path / "cut"
+    assert cli.main(["train", "--out", str(out), "--checkpoint-every", "2", *DETERMINISTIC]) == 128 + 2
+    monkeypatch.undo()
+    error = capsys.readouterr().err
+    assert "SIGINT: stopped at step 3 of 6; the checkpoint of that step is in" in error
+    assert f"Continue with: python -m l4lab train --resume --out {out}" in error
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3
+    assert len(json.loads((out / "metrics.json").read_text())) == 3 and not (out / "report.html").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+
+    assert cli.main(["train", "--resume", "--out", str(out), "--quiet"]) == 0
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert json.loads((out / "metrics.json").read_text()) == whole and len(whole) == 6
+    a, b = load_checkpoint_model(tmp_path / "whole" / "checkpoint"), load_checkpoint_model(out / "checkpoint")
+    assert all(
+        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+    assert "resumed at step 3" in (out / "report.html").read_text()
+
+
+def test_sigterm_to_a_real_process_then_resume_through_the_command_line(tmp_path: Path) -> None:
+    """SIGTERM to ``python -m l4lab train`` after its first periodic checkpoint: status 143, a checkpoint
+    of the last completed step, then ``--resume`` in another process ends with the history of an
+    uninterrupted run in a third. Every process is waited for with a timeout and killed if it overruns."""
+    env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "l4lab", "train", "--steps", "30", "--minutes", "0", "--quiet"]
+    argv += ["--seq-len", "16", "--batch-size", "2"]
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*argv, *extra], env=env, capture_output=True, text=True, timeout=300)
+
+    whole = run("--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    out = tmp_path / "cut"
+    command = [*argv, "--out", str(out), "--checkpoint-every", "5"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint" / "state.json").exists() and process.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    stopped = re.search(r"SIGTERM: stopped at step (\d+) of 30", stderr)
+    assert stopped and f"python -m l4lab train --resume --out {out}" in stderr
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == int(stopped.group(1)) < 30
+    resumed = subprocess.run(
+        [*argv[:3], "train", "--resume", "--out", str(out), "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert json.loads((out / "metrics.json").read_text()) == expected and len(expected) == 30
+
+
 # ---------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     "argv, message",
@@ -163,10 +292,26 @@ def test_tour(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
         (["train", "--balance", "magic"], r"invalid choice: 'magic'"),
         (["train", "--steps", "0"], r"--steps: must be a positive integer"),
         (["train", "--steps", "many"], r"--steps: must be a positive integer, got 'many'"),
-        (["train", "--minutes", "-1"], r"--minutes: must be a number of minutes >= 0"),
+        (["train", "--minutes", "-1"], r"--minutes: must be a number of minutes from 0 \(no time limit\)"),
+        (
+            ["train", "--minutes", "inf"],
+            r"--minutes: must be a number of minutes from 0 .* to 1e\+06, got 'inf'",
+        ),
+        (["train", "--seq-len", "100000"], r"--seq-len: must be a positive integer up to 16384"),
+        (["train", "--batch-size", "5000"], r"--batch-size: must be a positive integer up to 4096"),
+        (["tour", "--seed", str(2**64)], r"--seed: must be an integer in \[-2\*\*63, 2\*\*64\)"),
         (["train", "--steps", "3", "--seq-len", "3"], r"--seq-len must be at least 4"),
         (["train", "--minutes", "0"], r"--minutes 0 \(no time limit\) needs --steps"),
         (["fly"], r"invalid choice: 'fly'"),
+        (
+            ["train", "--resume", "--task", "text", "--seed", "1"],
+            r"--resume continues a run with .*drop --task, --seed",
+        ),
+        (
+            ["train", "--resume", "--overwrite"],
+            r"--resume continues the run in --out and --overwrite .*choose one",
+        ),
+        (["train", "--checkpoint-every", "0"], r"--checkpoint-every: must be a positive integer"),
     ],
 )
 def test_errors_list_the_choices(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:

@@ -77,3 +77,39 @@ def test_bad_toggle_value(model: l4lab.Llama4) -> None:
     with pytest.raises(ValueError, match=r"Config\.positions = 'nope'"):
         model.set_positions("nope")
     assert model.config.positions == "irope"
+
+
+def test_integer_ids_the_embedding_cannot_take(model: l4lab.Llama4) -> None:
+    with pytest.raises(
+        TypeError, match=r"dtype torch\.uint8; token ids must be torch\.long \(or torch\.int32\)"
+    ):
+        model(torch.zeros(1, 4, dtype=torch.uint8))
+    assert model(torch.zeros(1, 4, dtype=torch.int32)).logits.shape == (1, 4, 260)
+
+
+def test_generation_arguments_of_the_wrong_kind(model: l4lab.Llama4) -> None:
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    for kwargs, message in [
+        (dict(max_new_tokens=True), "max_new_tokens must be a non-negative integer; got True"),
+        (dict(max_new_tokens=2, temperature="hot"), "temperature must be a finite number >= 0"),
+        (dict(max_new_tokens=2, temperature=float("inf")), "temperature must be a finite number"),
+        (dict(max_new_tokens=2, top_p="all"), r"top_p must be a number in \(0, 1\]; got 'all'"),
+        (dict(max_new_tokens=2, seed=1.5), r"seed must be None or an integer .*; got 1\.5"),
+        (dict(max_new_tokens=2, eos_token_id=260), r"eos_token_id must be None or a token id in \[0, 260\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            model.generate(ids, **kwargs)
+
+
+def test_config_fields_of_the_wrong_kind() -> None:
+    for field, value, message in [
+        ("rope_theta", float("inf"), "a positive finite number"),
+        ("attn_scale", float("nan"), "a finite number"),
+        ("bos_token_id", 1.5, r"None or a token id in \[0, 260\)"),
+        ("rope_scaling", {"factor": "8"}, r"\.factor = '8' is not allowed: a number >= 1"),
+        ("rope_scaling", {"scale": 8.0}, r"unknown \['scale'\]"),
+    ]:
+        with pytest.raises(ValueError, match=rf"Config\.{field}\b.*{message}"):
+            l4lab.Config(**{field: value})
+    with pytest.raises(TypeError, match=r"Config\.from_dict needs a dict of fields; got list"):
+        l4lab.Config.from_dict([("vocab_size", 5)])
