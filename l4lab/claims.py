@@ -107,13 +107,14 @@ def claim(
     at_least: float | None = None,
     at_most: float | None = None,
     fmt: str = "{:.3g}",
-) -> Claim:
+) -> None:
     """Check that ``value`` (a measured ``quantity``) lies within the bounds; print the claim, not the value.
 
     Prints ``✓ <quantity> >= <at_least>`` (or ``<=``, or ``between``), formatted with ``fmt``, and
-    returns the :class:`Claim`. Raises :class:`ClaimError` with the value and the range when the claim
-    does not hold. With ``L4LAB_CLAIMS_RECORD`` set to a file path, appends the claim and its value to
-    that file as one JSON line and does not raise (``benchmarks/claims_spread.py`` collects them).
+    returns nothing, so that a notebook cell ending with a claim shows no value. Raises
+    :class:`ClaimError` with the value and the range when the claim does not hold. With
+    ``L4LAB_CLAIMS_RECORD`` set to a file path, appends the claim and its value to that file as one JSON
+    line and does not raise (``benchmarks/claims_spread.py`` collects them).
     """
     if at_least is None and at_most is None:
         raise ValueError(f"claim {quantity!r} needs at_least, at_most or both")
@@ -130,7 +131,6 @@ def claim(
             f" ({result.value!r})"
         )
     print(result)
-    return result
 
 
 def notebook_claims(path: str | os.PathLike[str]) -> list[Claim]:
