@@ -56,7 +56,7 @@ ROUTING_REFERENCES: dict[str, dict[str, str]] = {
         "source": "Switch Transformer (Fedus et al. 2021)",
     },
     "max_violation": {
-        "published": "0.04 after loss-free balancing; 0.5-0.7 before",
+        "published": "0.04 with loss-free balancing; 0.5-0.7 with an auxiliary loss instead",
         "source": "DeepSeek-V3 auxiliary-loss-free balancing (Wang et al. 2024)",
     },
     "normalised_entropy": {
