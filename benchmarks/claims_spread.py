@@ -18,7 +18,8 @@ deviations). ``tests/test_claims.py`` checks that every claim a notebook prints 
 recorded here, with its bound at least three standard deviations from the mean of the runs::
 
     python benchmarks/claims_spread.py                      # all notebooks with claims (about 45 minutes)
-    python benchmarks/claims_spread.py notebooks/04_irope_long_context.ipynb --seeds 0 1 --settings
+    python benchmarks/claims_spread.py notebooks/04_irope_long_context.ipynb --update  # after changing it
+    python benchmarks/claims_spread.py --summarise          # after changing a bound: no run
 
 Run it after changing a claim or the code under it, and commit the results with the notebooks.
 """
@@ -235,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--summarise", action="store_true", help="run nothing: re-read the bounds from the notebooks"
     )
+    parser.add_argument(
+        "--update", action="store_true", help="replace these runs in the existing results, keep the others"
+    )
     args = parser.parse_args(argv)
 
     if args.summarise:
@@ -251,6 +255,15 @@ def main(argv: list[str] | None = None) -> int:
         "settings": args.settings,
         "runs": runs,
     }
+    if args.update:
+        earlier = json.loads(args.out.with_suffix(".json").read_text())
+        done = {(run["notebook"], run["seed"], run["setting"]) for run in runs}
+        kept = [run for run in earlier["runs"] if (run["notebook"], run["seed"], run["setting"]) not in done]
+        result.update(
+            seeds=sorted(set(earlier["seeds"]) | set(args.seeds)),
+            settings=list(dict.fromkeys(earlier["settings"] + args.settings)),
+            runs=kept + runs,
+        )
     return 1 if write(result, args.out) else 0
 
 
