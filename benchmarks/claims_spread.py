@@ -175,7 +175,9 @@ def markdown(result: dict) -> str:
         f"torch {result['machine']['torch']}, Python {result['machine']['python']}.",
         "",
         f"Runs per notebook: seeds {', '.join(map(str, result['seeds']))} (one thread), and seed 0 under "
-        + "; ".join(f"`{s}`" for s in result["settings"])
+        + "; ".join(
+            f"{s} (`{' '.join(f'{k}={v}' for k, v in SETTINGS[s].items())}`)" for s in result["settings"]
+        )
         + ". `sd` is the standard deviation over all runs, and the margin the distance from their mean "
         "to the bound in sd. `tests/test_claims.py` requires every claim to hold in every run with a margin "
         "of at least 3 sd.",
