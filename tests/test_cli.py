@@ -222,6 +222,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(
 
     monkeypatch.setattr(Trainer, "step", step_then_ctrl_c)
     out = tmp_path / "cut"
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN where the shell started the tests in the background
     assert cli.main(["train", "--out", str(out), "--checkpoint-every", "2", *DETERMINISTIC]) == 128 + 2
     monkeypatch.undo()
     error = capsys.readouterr().err
@@ -229,7 +230,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(
     assert f"Continue with: python -m l4lab train --resume --out {out}" in error
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3
     assert len(json.loads((out / "metrics.json").read_text())) == 3 and not (out / "report.html").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    assert signal.getsignal(signal.SIGINT) is before  # the handlers are put back
 
     assert cli.main(["train", "--resume", "--out", str(out), "--quiet"]) == 0
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
