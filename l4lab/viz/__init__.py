@@ -15,18 +15,21 @@ attention                          :func:`attention_map_figure`, :func:`attentio
 long context                       :func:`accuracy_vs_length_figure`, :func:`needle_heatmap`,
                                    :func:`kv_cache_figure` (numbers: :func:`kv_cache_memory`)
 models and training                :func:`parameter_table`, :func:`loss_curves_figure`
+architecture                       :func:`layer_stack_figure`, :func:`decoder_layer_figure`,
+                                   :func:`moe_block_figure` (all drawn from ``layer_plan()``)
 kernels                            :func:`attention_tiles_figure`, :func:`moe_tiles_figure`,
                                    :func:`benchmark_figure` (numbers: :func:`benchmark_rows`)
 =================================  ==================================================================
 
 One module per topic: ``common`` (template, colours, layout helpers), ``routing``, ``attention``,
-``long_context``, ``models`` (parameters and training) and ``kernels``; everything public is re-exported
-here, so ``viz.expert_load_figure`` is ``viz.routing.expert_load_figure``. A new figure goes into the
-module of its topic (or a new module) and gets a line below.
+``long_context``, ``models`` (parameters and training), ``architecture`` and ``kernels``; everything
+public is re-exported here, so ``viz.expert_load_figure`` is ``viz.routing.expert_load_figure``. A new
+figure goes into the module of its topic (or a new module) and gets a line below.
 """
 
 from __future__ import annotations
 
+from l4lab.viz.architecture import KIND_COLOURS, decoder_layer_figure, layer_stack_figure, moe_block_figure
 from l4lab.viz.attention import (
     attention_distance_figure,
     attention_map_figure,
@@ -61,6 +64,7 @@ from l4lab.viz.routing import (
 __all__ = [
     "COLOURS",
     "FONT",
+    "KIND_COLOURS",
     "ROUTING_REFERENCES",
     "TEMPLATE",
     "TILE_COLOURS",
@@ -72,12 +76,15 @@ __all__ = [
     "attention_tiles_figure",
     "benchmark_figure",
     "benchmark_rows",
+    "decoder_layer_figure",
     "expert_colours",
     "expert_load_figure",
     "kv_cache_figure",
     "kv_cache_memory",
     "layer_label",
+    "layer_stack_figure",
     "loss_curves_figure",
+    "moe_block_figure",
     "moe_tiles_figure",
     "needle_heatmap",
     "parameter_table",
