@@ -15,6 +15,8 @@ attention                          :func:`attention_map_figure`, :func:`attentio
 long context                       :func:`accuracy_vs_length_figure`, :func:`needle_heatmap`,
                                    :func:`kv_cache_figure` (numbers: :func:`kv_cache_memory`)
 models and training                :func:`parameter_table`, :func:`loss_curves_figure`
+experiments                        :func:`seed_spread_figure` (numbers: :func:`seed_statistics`),
+                                   :func:`decode_time_figure`
 architecture                       :func:`layer_stack_figure`, :func:`decoder_layer_figure`,
                                    :func:`moe_block_figure` (all drawn from ``layer_plan()``)
 kernels                            :func:`attention_tiles_figure`, :func:`moe_tiles_figure`,
@@ -22,9 +24,10 @@ kernels                            :func:`attention_tiles_figure`, :func:`moe_ti
 =================================  ==================================================================
 
 One module per topic: ``common`` (template, colours, layout helpers), ``routing``, ``attention``,
-``long_context``, ``models`` (parameters and training), ``architecture`` and ``kernels``; everything
-public is re-exported here, so ``viz.expert_load_figure`` is ``viz.routing.expert_load_figure``. A new
-figure goes into the module of its topic (or a new module) and gets a line below.
+``long_context``, ``models`` (parameters and training), ``experiments`` (seeds, timings),
+``architecture`` and ``kernels``; everything public is re-exported here, so ``viz.expert_load_figure``
+is ``viz.routing.expert_load_figure``. A new figure goes into the module of its topic (or a new
+module) and gets a line below.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from l4lab.viz.common import (
     expert_colours,
     layer_label,
 )
+from l4lab.viz.experiments import decode_time_figure, seed_spread_figure, seed_statistics
 from l4lab.viz.kernels import (
     TILE_COLOURS,
     TILE_KINDS,
@@ -76,6 +80,7 @@ __all__ = [
     "attention_tiles_figure",
     "benchmark_figure",
     "benchmark_rows",
+    "decode_time_figure",
     "decoder_layer_figure",
     "expert_colours",
     "expert_load_figure",
@@ -89,6 +94,8 @@ __all__ = [
     "needle_heatmap",
     "parameter_table",
     "routing_stats_table",
+    "seed_spread_figure",
+    "seed_statistics",
     "specialisation_figure",
     "temperature_figure",
     "token_expert_figure",
