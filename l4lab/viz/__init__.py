@@ -10,7 +10,8 @@ give the same JSON) and share one template, so they look alike side by side.
 routing                            :func:`expert_load_figure`, :func:`token_expert_figure`,
                                    :func:`specialisation_figure`, :func:`routing_stats_table`
 attention                          :func:`attention_map_figure`, :func:`attention_distance_figure`
-                                   (numbers: :func:`attention_mass_by_distance`),
+                                   (numbers: :func:`attention_mass_by_distance`,
+                                   :func:`attention_row_entropy`),
                                    :func:`temperature_figure`
 long context                       :func:`accuracy_vs_length_figure`, :func:`needle_heatmap`,
                                    :func:`kv_cache_figure` (numbers: :func:`kv_cache_memory`)
@@ -37,6 +38,7 @@ from l4lab.viz.attention import (
     attention_distance_figure,
     attention_map_figure,
     attention_mass_by_distance,
+    attention_row_entropy,
     temperature_figure,
 )
 from l4lab.viz.common import (
@@ -77,6 +79,7 @@ __all__ = [
     "attention_distance_figure",
     "attention_map_figure",
     "attention_mass_by_distance",
+    "attention_row_entropy",
     "attention_tiles_figure",
     "benchmark_figure",
     "benchmark_rows",
