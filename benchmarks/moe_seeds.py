@@ -92,15 +92,19 @@ def main() -> None:
     parser.add_argument("--balance-steps", type=int, default=400)
     args = parser.parse_args()
     started = time.monotonic()
-    results: dict[str, dict[str, object]] = {"dense_vs_moe": {}, "balancing": {}}
     for seed in args.seeds:  # written after every seed, so that a stopped run keeps what it measured
-        results["dense_vs_moe"][str(seed)] = dense_vs_moe(seed)
-        results["balancing"][str(seed)] = balancing(seed, args.balance_steps)
+        curves, balance = dense_vs_moe(seed), balancing(seed, args.balance_steps)
+        # the other seeds already in the file stay (seeds can run in separate processes, same settings)
+        results = json.loads(RESULT.read_text()) if RESULT.exists() else {"dense_vs_moe": {}, "balancing": {}}
+        if results.get("meta", {}).get("balance_steps", str(args.balance_steps)) != str(args.balance_steps):
+            results = {"dense_vs_moe": {}, "balancing": {}}  # another length: start afresh
+        results["dense_vs_moe"][str(seed)] = curves
+        results["balancing"][str(seed)] = balance
         results["meta"] = {
             "date": datetime.date.today().isoformat(),
             **machine(),
             "threads": str(torch.get_num_threads()),
-            "seconds": str(round(time.monotonic() - started)),
+            "seconds per seed": str(round((time.monotonic() - started) / (args.seeds.index(seed) + 1))),
             "balance_steps": str(args.balance_steps),
         }
         atomic_write_text(RESULT, json.dumps(results, indent=1) + "\n")
