@@ -1,0 +1,137 @@
+"""Expert parallelism on local gloo processes equals the single-process model: logits, gradients, training.
+
+Every multi-process test runs through ``l4lab.distributed.spawn``: localhost only, one thread per
+process, a time limit, and every process killed and reaped before the test returns.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import l4lab
+from l4lab.claims import relative_error
+from l4lab.distributed import (
+    check_backend,
+    check_divisible,
+    init_process_group,
+    is_expert_parameter,
+    shard_experts,
+    spawn,
+)
+
+CONFIG = dict(
+    num_layers=2,
+    hidden_size=32,
+    head_dim=8,
+    moe_intermediate_size=24,
+    num_experts=8,
+    vocab_size=61,
+    bos_token_id=None,
+    eos_token_id=None,
+)
+ROWS, LENGTH = 8, 12
+
+
+def skewed_model(seed: int = 0) -> l4lab.Llama4:
+    """A float64 model whose routing is uneven: layer 0 sends every token to expert 1 (the seven other
+    experts, and under 4 ranks three whole ranks, receive nothing), layer 1 favours experts 5 and 6."""
+    torch.manual_seed(seed)
+    model = l4lab.Llama4(l4lab.preset("tiny-moe", **CONFIG)).double()
+    with torch.no_grad():
+        model.layers[0].feed_forward.router.selection_bias[1] = 100.0
+        model.layers[1].feed_forward.router.selection_bias[5:7] = 0.15
+    return model
+
+
+def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [ROWS, LENGTH] and the weights [ROWS, LENGTH, vocab] of a loss ``sum(w * logits)``."""
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, CONFIG["vocab_size"], (ROWS, LENGTH), generator=generator)
+    weights = torch.randn(ROWS, LENGTH, CONFIG["vocab_size"], generator=generator, dtype=torch.float64)
+    return ids, weights
+
+
+def expert_parallel_forward_backward() -> dict[str, torch.Tensor]:
+    """On each rank: its block of rows through the sharded model; logits, counts and gradients."""
+    rank, ranks = dist.get_rank(), dist.get_world_size()
+    model = shard_experts(skewed_model())
+    ids, weights = inputs()
+    rows = slice(rank * ROWS // ranks, (rank + 1) * ROWS // ranks)
+    logits = model(ids[rows]).logits
+    (weights[rows] * logits).sum().backward()
+    result = {"logits": logits.detach()}
+    for name, param in model.named_parameters():
+        grad = param.grad if param.grad is not None else torch.zeros_like(param)
+        if not is_expert_parameter(name):
+            dist.all_reduce(grad)  # replicated: the ranks' rows sum to the batch
+        result[f"grad.{name}"] = grad
+    for i, layer in enumerate(model.layers):
+        result[f"received.{i}"] = layer.feed_forward.experts.last_counts
+    return result
+
+
+@pytest.fixture(scope="module")
+def single_process() -> dict[str, torch.Tensor]:
+    model = skewed_model()
+    ids, weights = inputs()
+    out = model(ids)
+    (weights * out.logits).sum().backward()
+    result = {"logits": out.logits.detach()}
+    result.update({f"grad.{n}": p.grad for n, p in model.named_parameters()})
+    for record in out.routing:
+        result[f"experts.{record.layer}"] = record.experts
+    return result
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_logits_and_gradients_equal_the_single_process_model(single_process, ranks: int) -> None:
+    results = spawn(expert_parallel_forward_backward, ranks, timeout_s=240)
+    logits = torch.cat([r["logits"] for r in results])
+    # float64 weights, but the norms and RoPE compute in float32: agreement to float32's precision
+    assert relative_error(logits, single_process["logits"]) < 1e-6
+    for key, expected in single_process.items():
+        if not key.startswith("grad."):
+            continue
+        if is_expert_parameter(key):
+            found = torch.cat([r[key] for r in results])  # rank r holds block r of the experts
+        else:
+            found = results[0][key]
+            for other in results[1:]:
+                assert torch.equal(other[key], found), f"{key} differs between ranks"
+        assert relative_error(found, expected) < 1e-6, key
+
+    # the routing really was uneven, with experts (and under 4 ranks whole ranks) left without a token
+    per_expert = torch.bincount(single_process["experts.0"].reshape(-1), minlength=8)
+    assert per_expert.tolist() == [0, ROWS * LENGTH, 0, 0, 0, 0, 0, 0]
+    counts_1 = torch.bincount(single_process["experts.1"].reshape(-1), minlength=8)
+    assert counts_1.max() > 2 * counts_1.float().mean()
+    per_rank = torch.stack([r["received.0"].sum() for r in results])
+    assert per_rank[0] == ROWS * LENGTH and per_rank[1:].sum() == 0
+    received = torch.cat([r["received.1"].sum(0) for r in results])  # slots per expert, all sources
+    assert received.tolist() == counts_1.tolist()
+
+
+def test_experts_that_do_not_split_evenly_are_refused() -> None:
+    assert check_divisible(16, 4) == 4
+    with pytest.raises(ValueError, match=r"num_experts = 6 cannot be split over 4 ranks.*\[1, 2, 3, 6\]"):
+        check_divisible(6, 4)
+
+
+def test_unavailable_backend_is_named() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("NCCL may run here")
+    with pytest.raises(ValueError, match=r"the 'nccl' backend is not available here .*\['gloo'\]"):
+        check_backend("nccl")
+    with pytest.raises(ValueError, match=r"'mpi' backend is not available"):
+        check_backend("mpi")
+
+
+def test_missing_launch_and_wrong_world_size_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(RuntimeError, match="torchrun --standalone --nproc-per-node N"):
+        init_process_group()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"over 4 ranks was asked for, but 2 processes.*--nproc-per-node 4"):
+        init_process_group(world_size=4)
