@@ -12,14 +12,18 @@ import torch.distributed as dist
 
 import l4lab
 from l4lab.claims import relative_error
+from l4lab.data import TokenDataset, mixture
 from l4lab.distributed import (
+    ExpertParallelTrainer,
     check_backend,
     check_divisible,
+    full_state_dict,
     init_process_group,
     is_expert_parameter,
     shard_experts,
     spawn,
 )
+from l4lab.train import TrainConfig, Trainer
 
 CONFIG = dict(
     num_layers=2,
@@ -135,3 +139,47 @@ def test_missing_launch_and_wrong_world_size_are_named(monkeypatch: pytest.Monke
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match=r"over 4 ranks was asked for, but 2 processes.*--nproc-per-node 4"):
         init_process_group(world_size=4)
+
+
+# ---------------------------------------------------------------------- training
+def tiny_trainer(balance: str) -> Trainer:
+    """A float32 tiny MoE (8 experts) on a small mixture, 4 rows per step: the same on every rank."""
+    torch.manual_seed(0)
+    model = l4lab.Llama4(l4lab.preset("tiny-moe", **CONFIG))
+    train, val = mixture(48, 33, seed=0).split(0.75)
+    train = TokenDataset(train.tokens % CONFIG["vocab_size"], train.loss_mask)
+    val = TokenDataset(val.tokens % CONFIG["vocab_size"], val.loss_mask)
+    config = TrainConfig(steps=4, batch_size=4, eval_every=2, warmup_steps=1, balance=balance, bias_rate=0.05)
+    return Trainer(model, train, val, config)
+
+
+def expert_parallel_training(balance: str) -> dict[str, torch.Tensor]:
+    trainer = ExpertParallelTrainer.from_trainer(tiny_trainer(balance))
+    history = trainer.run(progress=False)
+    result = {f"weight.{k}": v for k, v in full_state_dict(trainer.model).items()}
+    for key in ("loss", "switch_loss", "grad_norm"):
+        result[key] = torch.tensor([h[key] for h in history], dtype=torch.float64)
+    result["val_loss"] = torch.tensor(
+        [h["val_loss"] for h in history if "val_loss" in h], dtype=torch.float64
+    )
+    return result
+
+
+@pytest.mark.parametrize(("balance", "ranks"), [("aux_free", 2), ("aux_free", 4), ("switch", 2)])
+def test_training_steps_equal_the_single_process_run(balance: str, ranks: int) -> None:
+    trainer = tiny_trainer(balance)
+    history = trainer.run(progress=False)
+    results = spawn(expert_parallel_training, ranks, balance, timeout_s=300)
+    for key in ("loss", "switch_loss", "grad_norm", "val_loss"):
+        expected = torch.tensor([h[key] for h in history if key in h], dtype=torch.float64)
+        for result in results:  # every rank reports the global numbers
+            assert relative_error(result[key], expected) < 1e-4, key
+    for name, expected in trainer.model.state_dict().items():
+        found = results[0][f"weight.{name}"]
+        assert all(torch.equal(r[f"weight.{name}"], found) for r in results[1:]), name
+        assert relative_error(found, expected) < 1e-4, name
+    biases = [results[0][f"weight.layers.{i}.feed_forward.router.selection_bias"] for i in range(2)]
+    if balance == "aux_free":  # the bias moved, by the global batch's load: equal to one process's
+        assert all(float(b.abs().max()) > 0 for b in biases)
+    else:
+        assert all(float(b.abs().max()) == 0 for b in biases)
