@@ -46,11 +46,13 @@ from typing import Any
 
 import plotly.graph_objects as go
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from l4lab import viz
 from l4lab.config import count_params, preset, preset_names
 from l4lab.data import DOMAINS, TokenDataset, corpus_dataset, induction_heads, mixture
+from l4lab.distributed import ExpertParallelTrainer, check_divisible, full_model, init_process_group
 from l4lab.model import Llama4, Llama4Output
 from l4lab.report import atomic_write_text, format_value, write_report
 from l4lab.routing import RoutingStats, routing_stats
@@ -285,6 +287,7 @@ def train(
     title: str | None = None,
     checkpoint_every: int | None = None,
     stop: Callable[[], bool] | None = None,
+    expert_parallel: bool = False,
 ) -> dict[str, Any]:
     """Train, probe and write checkpoint, metrics and report into ``out``; return all of it.
 
@@ -295,7 +298,18 @@ def train(
     asks first). A checkpoint is also saved every ``checkpoint_every`` steps; when ``stop()`` turns true,
     the run saves a checkpoint of the last completed step and the metrics so far, and raises
     :class:`RunInterrupted` (:func:`resume` continues it exactly).
+
+    ``expert_parallel``: this process is one rank of a launched group (``torchrun``, see
+    :func:`l4lab.distributed.init_process_group`) and holds only its share of the experts
+    (:class:`l4lab.distributed.ExpertParallelTrainer`): the ranks train the same model, with the same
+    losses, as one process would. Rank 0 writes the files and probes the model; the others return
+    ``{"rank": r}``. Such runs are limited by ``steps`` (``minutes`` must be None).
     """
+    if expert_parallel and minutes is not None:
+        raise ValueError(
+            "an expert-parallel run is limited by steps only (a time limit would stop the ranks at "
+            "different steps): give steps and minutes=None (--minutes 0)"
+        )
     if steps is None and minutes is None:
         raise ValueError("give a number of steps, a time limit in minutes, or both")
     if preset_name not in trainable_presets():
@@ -314,6 +328,8 @@ def train(
         seed=seed,
     )
     trainer = Trainer(model, train_data, val_data, train_config)
+    if expert_parallel:
+        trainer = ExpertParallelTrainer.from_trainer(trainer)
     run = {
         "preset": preset_name,
         "task": task,
@@ -336,6 +352,7 @@ def resume(
     progress: bool = True,
     checkpoint_every: int | None = None,
     stop: Callable[[], bool] | None = None,
+    expert_parallel: bool = False,
 ) -> dict[str, Any]:
     """Continue the run in ``out`` from its checkpoint, exactly, then probe and report as :func:`train`.
 
@@ -343,7 +360,8 @@ def resume(
     a run resumed after an interruption ends with the history of one that never stopped. A time-limited
     run continues to the number of steps its schedule was fitted to (timing again only when it was
     stopped before the fitting). Raises FileNotFoundError or ValueError, naming the file, when there is
-    no usable checkpoint.
+    no usable checkpoint. ``expert_parallel``: as in :func:`train`; the checkpoint holds the whole
+    model, so a run continues under any number of ranks, or in one process.
     """
     out = Path(out)
     checkpoint = out / "checkpoint"
@@ -355,6 +373,13 @@ def resume(
         )
     train_data, val_data = build_datasets(run["task"], run["seq_len"], run["seed"])
     trainer = Trainer.resume(checkpoint, train_data, val_data)
+    if expert_parallel:
+        if run["minutes"] is not None and trainer.step_count < min(CALIBRATION_STEPS, trainer.config.steps):
+            raise ValueError(
+                f"{checkpoint} is a time-limited run stopped before its schedule was fitted; continue it "
+                "in one process (an expert-parallel run is limited by steps only)"
+            )
+        trainer = ExpertParallelTrainer.from_trainer(trainer)
     budget = run["steps"] if run["steps"] is not None else MAX_STEPS
     fitting = run["minutes"] is not None and trainer.step_count < min(CALIBRATION_STEPS, budget)
     time_limit_s = 60.0 * run["minutes"] if fitting else None
@@ -379,22 +404,35 @@ def _train_and_report(
     checkpoint = out / "checkpoint"
     first_step = trainer.step_count
 
+    parallel = isinstance(trainer, ExpertParallelTrainer)
+
+    def stop_asked() -> bool:
+        asked = stop is not None and stop()
+        return trainer.agree(asked) if parallel else asked  # every rank stops after the same step
+
     def after_step(t: Trainer) -> bool:
-        if stop is not None and stop():
+        if stop_asked():
             return True
         if checkpoint_every and t.step_count % checkpoint_every == 0 and t.step_count < t.config.steps:
             t.save(checkpoint, metadata=run)
         return False
 
     started = time.monotonic()
-    history = train_for(trainer, time_limit_s, progress, after_step)
+    history = train_for(trainer, time_limit_s, progress and not (parallel and trainer.rank), after_step)
     seconds = time.monotonic() - started
     trainer.save(checkpoint, metadata=run)
+    model = trainer.model
+    if parallel:  # rank 0 writes the rest, with the whole model gathered from the ranks
+        model = full_model(trainer.model)
+        if trainer.rank:
+            if stop_asked():
+                raise RunInterrupted(out, trainer.step_count, trainer.config.steps)
+            return {"rank": trainer.rank, "history": history}
     metrics = atomic_write_text(out / "metrics.json", metrics_json(history))
-    if stop is not None and stop():
+    if stop_asked():
         raise RunInterrupted(out, trainer.step_count, trainer.config.steps)
 
-    model, task, preset_name, seq_len = trainer.model, run["task"], run["preset"], run["seq_len"]
+    task, preset_name, seq_len = run["task"], run["preset"], run["seq_len"]
     batch_size, balance = run["batch_size"], run["balance"]
     found = probe(model, val_data, task)
     figures = report_figures(model, found, task)
@@ -575,6 +613,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its checkpoint, exactly"
     )
+    run.add_argument(
+        "--expert-parallel",
+        type=_positive_int,
+        metavar="N",
+        help="spread the experts over the N processes torchrun started (needs --steps; gloo on the CPU, "
+        "NCCL on GPUs)",
+    )
 
     show = commands.add_parser("tour", help="a one-minute end-to-end tour, headless")
     show.add_argument("--out", type=Path, default=Path("runs/tour"), help="output directory (runs/tour)")
@@ -685,6 +730,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in RUN_DEFAULTS
     }
     out = args.out if args.out is not None else Path("runs") / f"{settings['preset']}-{settings['task']}"
+    if args.expert_parallel is not None:
+        if args.minutes:
+            parser.error(
+                "--expert-parallel runs are limited by --steps only (a time limit would stop the ranks at "
+                "different steps): drop --minutes"
+            )
+        settings["minutes"] = 0.0
+        if not args.resume:
+            if settings["steps"] is None:
+                parser.error("--expert-parallel needs --steps")
+            try:
+                check_divisible(preset(settings["preset"]).num_experts, args.expert_parallel)
+            except ValueError as error:
+                parser.error(f"--expert-parallel {args.expert_parallel}: {error}")
+            if settings["batch_size"] % args.expert_parallel:
+                parser.error(
+                    f"--batch-size {settings['batch_size']} cannot be split into {args.expert_parallel} "
+                    f"equal blocks of rows: use a multiple of {args.expert_parallel}"
+                )
+        try:
+            init_process_group(world_size=args.expert_parallel)
+        except (RuntimeError, ValueError) as error:
+            parser.error(f"--expert-parallel {args.expert_parallel}: {error}")
+    try:
+        return _run_train(parser, args, settings, out)
+    finally:
+        if args.expert_parallel is not None and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run_train(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, settings: dict[str, Any], out: Path
+) -> int:
+    """The ``train`` command once its options are checked: train or resume, and say where things are."""
+    parallel = args.expert_parallel is not None
     with _StopOnSignal() as stop:
         try:
             if args.resume:
@@ -693,7 +773,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"--resume: {out} holds no checkpoint to continue; start a run without --resume"
                     )
                 try:
-                    result = resume(out, not args.quiet, args.checkpoint_every, stop)
+                    result = resume(out, not args.quiet, args.checkpoint_every, stop, parallel)
                 except (ValueError, FileNotFoundError) as error:
                     parser.exit(1, f"{parser.prog} train: error: cannot resume {out}: {error}\n")
             else:
@@ -718,9 +798,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     progress=not args.quiet,
                     checkpoint_every=args.checkpoint_every,
                     stop=stop,
+                    expert_parallel=parallel,
                 )
         except RunInterrupted as stopped:
             return _print_interrupted(stopped, stop.signal)
+    if "rank" in result:  # another rank than 0 of an expert-parallel run: rank 0 reports
+        return 0
     history, summary = result["history"], result["summary"]
     print(
         f"trained {summary['preset']} on {summary['task']}: {len(history)} steps, "

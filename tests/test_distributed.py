@@ -6,6 +6,13 @@ process, a time limit, and every process killed and reaped before the test retur
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -23,7 +30,7 @@ from l4lab.distributed import (
     shard_experts,
     spawn,
 )
-from l4lab.train import TrainConfig, Trainer
+from l4lab.train import TrainConfig, Trainer, load_checkpoint_model
 
 CONFIG = dict(
     num_layers=2,
@@ -183,3 +190,104 @@ def test_training_steps_equal_the_single_process_run(balance: str, ranks: int) -
         assert all(float(b.abs().max()) > 0 for b in biases)
     else:
         assert all(float(b.abs().max()) == 0 for b in biases)
+
+
+def train_until(balance: str, steps: int, checkpoint: str) -> None:
+    """Train the expert-parallel run to ``steps`` of its 4 and save the (whole-model) checkpoint."""
+    trainer = ExpertParallelTrainer.from_trainer(tiny_trainer(balance))
+    trainer.run(progress=False, after_step=lambda t: t.step_count == steps)
+    trainer.save(checkpoint)
+
+
+def resume_and_finish(checkpoint: str) -> dict[str, torch.Tensor]:
+    base = tiny_trainer("aux_free")
+    resumed = Trainer.resume(checkpoint, base.train_data, base.val_data)
+    trainer = ExpertParallelTrainer.from_trainer(resumed)
+    history = trainer.run(progress=False)
+    result = {f"weight.{k}": v for k, v in full_state_dict(trainer.model).items()}
+    result["loss"] = torch.tensor([h["loss"] for h in history], dtype=torch.float64)
+    return result
+
+
+def test_a_run_saved_under_4_ranks_resumes_under_2(tmp_path: Path) -> None:
+    single = tiny_trainer("aux_free")
+    history = single.run(progress=False)
+    spawn(train_until, 4, "aux_free", 2, str(tmp_path / "checkpoint"), timeout_s=300)
+    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["step"] == 2
+    results = spawn(resume_and_finish, 2, str(tmp_path / "checkpoint"), timeout_s=300)
+    expected = torch.tensor([h["loss"] for h in history], dtype=torch.float64)
+    assert relative_error(results[0]["loss"], expected) < 1e-4
+    for name, weight in single.model.state_dict().items():
+        assert relative_error(results[1][f"weight.{name}"], weight) < 1e-4, name
+
+
+# ---------------------------------------------------------------------- the command line under torchrun
+def run_command(args: list[str], timeout_s: float = 300) -> subprocess.CompletedProcess:
+    """Run ``args`` in its own process group; on a timeout the whole group is killed, then the test fails."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(l4lab.__file__).parents[1]))
+    process = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"{' '.join(args)} ran over {timeout_s} s")
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+
+
+TRAIN = [
+    "-m",
+    "l4lab",
+    "train",
+    "--preset",
+    "tiny-moe",
+    "--steps",
+    "3",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "4",
+]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def test_torchrun_trains_the_single_process_model(tmp_path: Path) -> None:
+    one = run_command([sys.executable, *TRAIN, "--minutes", "0", "--quiet", "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    two = run_command(
+        [*TORCHRUN, *TRAIN, "--expert-parallel", "2", "--quiet", "--out", str(tmp_path / "two")]
+    )
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("trained tiny-moe") == 1  # rank 0 reports
+    losses = [
+        torch.tensor([h["loss"] for h in json.loads((tmp_path / run / "metrics.json").read_text())])
+        for run in ("one", "two")
+    ]
+    assert len(losses[0]) == 3 and relative_error(losses[1], losses[0]) < 1e-4
+    # Adam moves every weight by about lr * g / |g| in its first steps: an element whose gradient is
+    # near zero moves by an amount its rounding decides, so a few elements in 10^5 differ by up to 1e-4
+    weights = [load_checkpoint_model(tmp_path / run / "checkpoint").state_dict() for run in ("one", "two")]
+    for name, weight in weights[0].items():
+        assert relative_error(weights[1][name], weight) < 3e-3, name
+    differing = sum(int(((weights[1][n] - w).abs() > 1e-5).sum()) for n, w in weights[0].items())
+    assert differing < 1e-3 * sum(w.numel() for w in weights[0].values())
+    assert (tmp_path / "two" / "report.html").exists()
+
+
+def test_command_line_refuses_what_expert_parallelism_cannot_do(tmp_path: Path) -> None:
+    out = ["--out", str(tmp_path / "x")]
+    alone = run_command([sys.executable, *TRAIN, "--expert-parallel", "2", *out])
+    assert alone.returncode == 2 and "torchrun --standalone --nproc-per-node N" in alone.stderr
+    timed = run_command([sys.executable, *TRAIN, "--expert-parallel", "2", "--minutes", "1", *out])
+    assert timed.returncode == 2 and "limited by --steps only" in timed.stderr
+    odd = run_command([sys.executable, *TRAIN, "--expert-parallel", "3", *out])
+    assert odd.returncode == 2 and "num_experts = 4 cannot be split over 3 ranks" in odd.stderr
+    rows = run_command([sys.executable, *TRAIN, "--expert-parallel", "4", "--batch-size", "6", *out])
+    assert rows.returncode == 2 and "--batch-size 6 cannot be split into 4" in rows.stderr
+    assert not (tmp_path / "x").exists()
