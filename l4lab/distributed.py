@@ -28,12 +28,15 @@ router's balancing (aux-free bias, Switch loss) reads the load of the global bat
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +45,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed import checkpoint as dcp
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.nn import functional as autograd_collectives
+from torch.distributed.tensor import DTensor, Shard
 
+from l4lab.config import Config
 from l4lab.data import TokenDataset
 from l4lab.model import Llama4, MoE, RoutingRecord
 from l4lab.ops import EAGER, Ops
-from l4lab.storage import SafetensorsFile, save_safetensors
-from l4lab.train import Trainer, learning_rate
+from l4lab.storage import SafetensorsFile, atomic_write_text, read_json, save_safetensors
+from l4lab.train import TrainConfig, Trainer, learning_rate
 
 BACKENDS = ("gloo", "nccl")
 
@@ -268,6 +276,7 @@ class ExpertParallelTrainer(Trainer):
         """
         group = group or dist.group.WORLD
         ranks = dist.get_world_size(group)
+        check_divisible(trainer.model.config.num_experts, ranks)
         if trainer.config.batch_size % ranks:
             raise ValueError(
                 f"batch_size = {trainer.config.batch_size} cannot be split into {ranks} equal blocks of "
@@ -438,6 +447,134 @@ class ExpertParallelTrainer(Trainer):
         dist.barrier(group=self.group)
 
 
+# ---------------------------------------------------------------------- sharded checkpoints
+CHECKPOINT_POINTER = "latest.json"  # names the step directory of the last complete sharded save
+SHARDED_FORMAT = 1
+
+
+def device_mesh(group: dist.ProcessGroup) -> DeviceMesh:
+    """The 1-D DeviceMesh of ``group``'s ranks, on the devices its backend runs on."""
+    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+    return DeviceMesh.from_group(group, device)
+
+
+def sharded_state_dict(trainer: ExpertParallelTrainer, moments: bool = True) -> dict[str, Tensor]:
+    """What a sharded checkpoint holds: weights, router biases and (``moments``) AdamW's moments.
+
+    Tensors of the routed experts are DTensors sharded on dim 0 over the ranks (each rank contributes
+    only its experts); the others are plain tensors, the same on every rank (saved once). The DTensors
+    share memory with the parameters and moments, so loading into this dict loads the trainer. Moments
+    not created yet (before the first step) are created as zeros.
+    """
+    mesh = device_mesh(trainer.group)
+
+    def placed(name: str, tensor: Tensor) -> Tensor:
+        if is_expert_parameter(name) and tensor.dim():
+            return DTensor.from_local(tensor, mesh, [Shard(0)], run_check=False)
+        return tensor
+
+    state = {f"model.{name}": placed(name, t.detach()) for name, t in trainer.model.state_dict().items()}
+    if moments:
+        for name, param in trainer.model.named_parameters():
+            entry = trainer.optimizer.state[param]
+            if not entry:
+                entry.update(
+                    step=torch.zeros((), dtype=torch.float32),
+                    exp_avg=torch.zeros_like(param, memory_format=torch.preserve_format),
+                    exp_avg_sq=torch.zeros_like(param, memory_format=torch.preserve_format),
+                )
+            for key, value in entry.items():
+                state[f"optimizer.{name}.{key}"] = placed(name, value)
+    return state
+
+
+def save_sharded(
+    trainer: ExpertParallelTrainer, path: str | Path, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Save the run with ``torch.distributed.checkpoint``, every rank writing only its own tensors.
+
+    ``path/step-<k>/`` gets one safetensors file per rank (DCP's Hugging Face writer: no pickle; each
+    file's metadata records where its slices sit in the full tensors) and ``state.json`` (configs, step,
+    history, sampler, the world size); then rank 0 replaces ``path/latest.json`` (one atomic rename)
+    to name it, and removes older step directories. A save that is killed leaves the previous one
+    named. :func:`load_sharded` reads it back under any number of ranks that divides the experts.
+    """
+    path = Path(path)
+    step_dir = path / f"step-{trainer.step_count:06d}"
+    state = {
+        "format": SHARDED_FORMAT,
+        "model_config": trainer.model.config.to_dict(),
+        "train_config": asdict(trainer.config),
+        "step": trainer.step_count,
+        "history": trainer.history,
+        "sampler": trainer.sampler.state(),
+        "world_size": trainer.world_size,
+        "metadata": metadata,
+    }
+    tensors = sharded_state_dict(trainer, moments=trainer.step_count > 0)
+    dcp.save(
+        tensors,
+        storage_writer=HuggingFaceStorageWriter(str(step_dir), save_distributed=True),
+        process_group=trainer.group,
+    )
+    dist.barrier(group=trainer.group)
+    if trainer.rank == 0:
+        atomic_write_text(step_dir / "state.json", json.dumps(state, indent=1) + "\n")
+        atomic_write_text(path / CHECKPOINT_POINTER, json.dumps({"step_dir": step_dir.name}) + "\n")
+        for old in path.glob("step-*"):
+            if old.is_dir() and old.name != step_dir.name:
+                shutil.rmtree(old)
+    dist.barrier(group=trainer.group)
+    return step_dir
+
+
+def load_sharded(
+    path: str | Path,
+    train_data: TokenDataset,
+    val_data: TokenDataset | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> ExpertParallelTrainer:
+    """The trainer saved by :func:`save_sharded`, on this group's ranks (their number may differ).
+
+    Each rank reads only the slices of the files that its experts and the replicated tensors need.
+    A number of ranks that does not divide the experts (or the batch) is a ValueError naming the
+    numbers that work; a missing or foreign directory a FileNotFoundError or ValueError naming it.
+    """
+    path = Path(path)
+    group = group or dist.group.WORLD
+    pointer = path / CHECKPOINT_POINTER
+    if not pointer.is_file():
+        raise FileNotFoundError(
+            f"{pointer} does not exist: {path} holds no sharded checkpoint (save_sharded)"
+        )
+    step_dir = path / read_json(pointer)["step_dir"]
+    state = read_json(step_dir / "state.json")
+    if not isinstance(state, dict) or state.get("format") != SHARDED_FORMAT:
+        raise ValueError(f"{step_dir / 'state.json'} is not the state of an l4lab sharded checkpoint")
+    model = Llama4(Config.from_dict(state["model_config"]))
+    trainer = Trainer(model, train_data, val_data, TrainConfig(**state["train_config"]))
+    try:
+        sharded = ExpertParallelTrainer.from_trainer(trainer, group)
+    except ValueError as error:
+        raise ValueError(f"{step_dir} was saved by {state['world_size']} ranks; here: {error}") from None
+    tensors = sharded_state_dict(sharded, moments=state["step"] > 0)
+    dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(step_dir)), process_group=group)
+    if state["step"] == 0:
+        sharded.optimizer.state.clear()
+    sharded.step_count, sharded.history = state["step"], state["history"]
+    sharded.sampler.load_state(state["sampler"])
+    return sharded
+
+
+def export_pretrained(model: Llama4, path: str | Path) -> None:
+    """Gather the experts and write the single-directory checkpoint that ``load_pretrained`` and
+    transformers read (``Llama4.save_pretrained``), from rank 0; every rank calls it."""
+    whole = full_model(model)
+    if dist.get_rank() == 0:
+        whole.save_pretrained(path)
+    dist.barrier()
+
+
 # ---------------------------------------------------------------------- launching processes
 def free_port() -> int:
     """A TCP port on localhost that nothing listens on now."""
@@ -534,13 +671,18 @@ __all__ = [
     "check_backend",
     "check_divisible",
     "default_backend",
+    "device_mesh",
+    "export_pretrained",
     "free_port",
     "full_model",
     "full_state_dict",
     "gather_experts",
     "init_process_group",
     "is_expert_parameter",
+    "load_sharded",
     "moe_layers",
+    "save_sharded",
     "shard_experts",
+    "sharded_state_dict",
     "spawn",
 ]
