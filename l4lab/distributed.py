@@ -24,6 +24,11 @@ Training (:class:`ExpertParallelTrainer`) splits each global batch into N equal 
 every rank's loss its SHARE of the global loss (``sum of its token losses / tokens of the global
 batch``): summed over the ranks the gradients are exactly those of the single-process step, and the
 router's balancing (aux-free bias, Switch loss) reads the load of the global batch.
+
+Checkpoints: :meth:`ExpertParallelTrainer.save` gathers the single-process checkpoint (any N, or one
+process, resumes it); :func:`save_sharded` / :func:`load_sharded` use ``torch.distributed.checkpoint``
+so that no rank ever holds every expert, and resume under another N; :func:`export_pretrained` writes the
+checkpoint that ``load_pretrained`` and transformers read.
 """
 
 from __future__ import annotations
