@@ -5,7 +5,10 @@ counts; cached generation with the images encoded once; errors that say what to 
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,8 +20,10 @@ from conftest import (
     hf_multimodal_logits,
     transformers,
 )
+from safetensors.torch import load_file, save_file
 
 import l4lab
+from l4lab import interop
 from l4lab.claims import relative_error
 from l4lab.config import VisionConfig
 from l4lab.vision import Llama4Multimodal, merge_image_features, pixel_shuffle, vision_rope_angles
@@ -289,3 +294,69 @@ def test_merge_counts_before_it_writes() -> None:
     assert merged[0].tolist() == [[0, 0], [1, 1], [0, 0]]
     with pytest.raises(ValueError, match="1 image placeholder tokens"):
         merge_image_features(embeddings, ids, torch.ones(2, 2), IMAGE_TOKEN_ID)
+
+
+# ---------------------------------------------------------------------- checkpoints
+def reload_in_transformers(path: Path) -> Any:
+    model = transformers.Llama4ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    for part in (model.config, model.config.text_config, model.config.vision_config):
+        part._attn_implementation = "eager"
+    return model
+
+
+def test_saved_multimodal_checkpoint_loads_in_transformers(tmp_path: Path) -> None:
+    hf, ours, ids, pixel_values = case("several-images-several-tiles")
+    ours.save_pretrained(tmp_path / "ours")
+    reloaded = reload_in_transformers(tmp_path / "ours")
+    expected = hf_multimodal_logits(hf, ids, pixel_values)
+    assert relative_error(hf_multimodal_logits(reloaded, ids, pixel_values), expected) < 1e-6
+    saved = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert saved["architectures"] == ["Llama4ForConditionalGeneration"]
+    assert saved["vision_config"]["projector_output_dim"] == 48
+    assert saved["image_token_index"] == IMAGE_TOKEN_ID
+
+
+def test_transformers_multimodal_checkpoint_loads_in_l4lab(tmp_path: Path) -> None:
+    hf, _, ids, pixel_values = case("grid-6-patch-4")
+    hf.save_pretrained(tmp_path / "hf")
+    ours = l4lab.load_pretrained(tmp_path / "hf")
+    assert isinstance(ours, Llama4Multimodal) and ours.config.vision.tokens_per_tile == 9
+    with torch.no_grad():
+        got = ours(ids, pixel_values=pixel_values).logits
+    assert relative_error(got, hf_multimodal_logits(hf, ids, pixel_values)) < 1e-5
+    # the text part alone, without reading the vision weights
+    text = l4lab.load_pretrained(tmp_path / "hf", text_only=True)
+    assert isinstance(text, l4lab.Llama4)
+    plain = prompt([[], []], 9)
+    with torch.no_grad():
+        assert relative_error(text(plain).logits, hf_multimodal_logits(hf, plain, None)) < 1e-5
+
+
+def test_sharded_multimodal_round_trip(tmp_path: Path) -> None:
+    _, ours, ids, pixel_values = case("one-image-and-a-text-row")
+    interop.save_pretrained(ours, tmp_path / "sharded", max_shard_bytes=30_000)
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 3
+    assert "vision_model.model.layers.0.self_attn.q_proj.bias" in index["weight_map"]
+    assert "language_model.model.layers.0.self_attn.q_proj.weight" in index["weight_map"]
+    assert "language_model.lm_head.weight" in index["weight_map"]
+    back = l4lab.load_pretrained(tmp_path / "sharded")
+    with torch.no_grad():
+        logits = back(ids, pixel_values=pixel_values).logits
+        assert torch.equal(logits, ours(ids, pixel_values=pixel_values).logits)
+    assert back.config == ours.config
+
+
+def test_missing_vision_weights_are_named(tmp_path: Path) -> None:
+    _, ours, _, _ = case("one-image-and-a-text-row")
+    ours.save_pretrained(tmp_path / "ckpt")
+    weights = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    del weights["multi_modal_projector.linear_1.weight"]
+    weights["vision_model.class_embedding"] = torch.zeros(5)
+    save_file(weights, str(tmp_path / "ckpt" / "model.safetensors"))
+    with pytest.raises(ValueError) as error:
+        l4lab.load_pretrained(tmp_path / "ckpt")
+    message = str(error.value)
+    assert "missing keys ['multi_modal_projector.linear_1.weight']" in message
+    assert "vision_model.class_embedding: expected (32,), got (5,)" in message
