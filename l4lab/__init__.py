@@ -12,6 +12,7 @@ from l4lab.config import (
     preset,
     preset_names,
 )
+from l4lab.images import ImageProcessor, ProcessedImages, image_prompt
 from l4lab.interop import config_from_transformers, from_transformers, load_pretrained, to_transformers_config
 from l4lab.model import Llama4, Llama4Output, RoutingRecord
 from l4lab.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
@@ -21,11 +22,13 @@ __all__ = [
     "ByteTokenizer",
     "Config",
     "HFTokenizer",
+    "ImageProcessor",
     "KVCache",
     "LayerSpec",
     "Llama4",
     "Llama4Multimodal",
     "Llama4Output",
+    "ProcessedImages",
     "RopeScaling",
     "RoutingRecord",
     "VisionConfig",
@@ -35,6 +38,7 @@ __all__ = [
     "count_vision_params",
     "data",
     "from_transformers",
+    "image_prompt",
     "load_pretrained",
     "load_tokenizer",
     "preset",
