@@ -7,8 +7,10 @@ outputs of transformers' ``Llama4ImageProcessor`` recorded by tests/oracles/llam
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -195,17 +197,40 @@ def test_processed_images_feed_the_model() -> None:
     assert logits.shape == (1, len(prompt), 264) and prompt.count(258) == (3 + 1 + 1) * 144
 
 
-@pytest.mark.skipif(not REFERENCE.exists(), reason="no recorded transformers reference")
+# run in a fresh interpreter on the scalar CPU path (the variable must be set before torch loads): the
+# path on which the reference was recorded, and on which transformers' torchvision resize computes in
+# float32 like l4lab's; on AVX2/AVX-512 it resizes uint8 with its own kernel (a few grey levels apart)
+HASHES = """
+import hashlib, json, sys
+import torch
+from l4lab.images import ImageProcessor, pattern_image
+out = []
+for case in json.load(sys.stdin):
+    processed = ImageProcessor()(pattern_image(case["height"], case["width"], seed=case["seed"]))
+    values = processed.pixel_values.float()
+    digest = hashlib.sha256(values.numpy().tobytes()).hexdigest()
+    out.append([processed.aspect_ratios.tolist(), list(values.shape), digest])
+print(json.dumps([torch.backends.cpu.get_cpu_capability(), out]))
+"""
+
+
 def test_pixel_values_equal_recorded_llama4_image_processor() -> None:
-    cases = json.loads(REFERENCE.read_text())["cases"]
+    record = json.loads(REFERENCE.read_text())
+    assert record["versions"]["cpu_capability"] == "DEFAULT"
+    cases = record["cases"]
     assert len(cases) >= 10
-    for case in cases:
-        pixels = pattern_image(case["height"], case["width"], seed=case["seed"])
-        processed = ImageProcessor()(pixels)
-        assert processed.aspect_ratios.tolist() == case["aspect_ratios"], case
-        values = processed.pixel_values.float()
-        assert list(values.shape) == case["shape"], case
-        # recorded on the scalar CPU path (make test's ATEN_CPU_CAPABILITY=default), where transformers'
-        # torchvision resize runs in float32 like l4lab's; vectorised kernels round a few pixels otherwise
-        if torch.backends.cpu.get_cpu_capability() == "DEFAULT":
-            assert hashlib.sha256(values.numpy().tobytes()).hexdigest() == case["sha256"], case
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent.parent), env.get("PYTHONPATH", "")])
+    run = subprocess.run(
+        [sys.executable, "-c", HASHES],
+        input=json.dumps(cases),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    capability, results = json.loads(run.stdout)
+    assert capability == "DEFAULT"
+    for case, (ratios, shape, digest) in zip(cases, results, strict=True):
+        assert (ratios, shape, digest) == (case["aspect_ratios"], case["shape"], case["sha256"]), case
