@@ -497,22 +497,29 @@ def count_params(config: Config) -> tuple[int, int]:
     return total, active
 
 
+def vision_parameters(vision: VisionConfig, text_hidden_size: int) -> dict[str, int]:
+    """Parameters of each part of the vision side, for a text model of width ``text_hidden_size``."""
+    d, inner = vision.hidden_size, vision.intermediate_size
+    layer = (
+        4 * (d * d + d) + (d * inner + inner) + (inner * d + d) + 2 * 2 * d
+    )  # attention, MLP, 2 LayerNorms
+    return {
+        "patch embedding, class token, positions": vision.num_channels * vision.patch_size**2 * d
+        + d
+        + (vision.patches_per_side**2 + 1) * d,
+        f"{vision.num_layers} encoder layers (+ LayerNorms before and after)": vision.num_layers * layer
+        + 2 * 2 * d,
+        "adapter MLP (two bias-free layers)": inner * vision.adapter_size + vision.adapter_size**2,
+        "projector into the text width": vision.adapter_size * text_hidden_size,
+    }
+
+
 def count_vision_params(vision: VisionConfig, text_hidden_size: int) -> int:
     """Parameters of the vision encoder, its adapter and the projector into a text model of that width.
 
     For Scout and Maverick: 0.87B, of which the 34 encoder layers hold 0.81B.
     """
-    d, inner = vision.hidden_size, vision.intermediate_size
-    patches = vision.patches_per_side**2
-    embedding = (
-        vision.num_channels * vision.patch_size**2 * d + d + (patches + 1) * d
-    )  # patches, class, positions
-    layer = (
-        4 * (d * d + d) + (d * inner + inner) + (inner * d + d) + 2 * 2 * d
-    )  # attention, MLP, 2 LayerNorms
-    adapter = inner * vision.adapter_size + vision.adapter_size**2  # two bias-free layers
-    projector = vision.adapter_size * text_hidden_size
-    return embedding + 2 * 2 * d + vision.num_layers * layer + adapter + projector
+    return sum(vision_parameters(vision, text_hidden_size).values())
 
 
 __all__ = [
@@ -524,4 +531,5 @@ __all__ = [
     "count_vision_params",
     "preset",
     "preset_names",
+    "vision_parameters",
 ]

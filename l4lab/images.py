@@ -137,16 +137,23 @@ class ImageProcessor:
         """One uint8 image [3, H, W] -> its normalised tiles [tiles, 3, S, S] and its grid (rows, columns)."""
         height, width = image.shape[1:]
         size = self.tile_size
-        canvas = best_canvas(height, width, self.canvases)
-        # never enlarge a side beyond one tile (a small image is not blown up to fill many tiles)
-        limit = (min(max(height, size), canvas[0]), min(max(width, size), canvas[1]))
-        resized = resize(image, *fit_without_distortion(height, width, limit))
+        canvas, fitted = self.placement(height, width)
+        resized = resize(image, *fitted)
         padded = F.pad(resized, (0, canvas[1] - resized.shape[2], 0, canvas[0] - resized.shape[1]))
         rows, columns = canvas[0] // size, canvas[1] // size
         grid = padded.view(3, rows, size, columns, size).permute(1, 3, 0, 2, 4).reshape(-1, 3, size, size)
         if rows * columns > 1:
             grid = torch.cat([grid, resize(image, size, size)[None]])  # the global tile, last
         return self.normalise(grid), (rows, columns)
+
+    def placement(self, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The canvas (height, width) chosen for an image of ``height`` x ``width``, and the size the image
+        is resized to inside it (at the top left; the rest is padding)."""
+        size = self.tile_size
+        canvas = best_canvas(height, width, self.canvases)
+        # never enlarge a side beyond one tile (a small image is not blown up to fill many tiles)
+        limit = (min(max(height, size), canvas[0]), min(max(width, size), canvas[1]))
+        return canvas, fit_without_distortion(height, width, limit)
 
     def normalise(self, tiles: Tensor) -> Tensor:
         """uint8 -> ``(x / 255 - mean) / std`` in bfloat16, as Llama 4's processor computes it."""
