@@ -22,13 +22,15 @@ architecture                       :func:`layer_stack_figure`, :func:`decoder_la
                                    :func:`moe_block_figure` (all drawn from ``layer_plan()``)
 kernels                            :func:`attention_tiles_figure`, :func:`moe_tiles_figure`,
                                    :func:`benchmark_figure` (numbers: :func:`benchmark_rows`)
+multimodal                         :func:`tiles_figure`, :func:`patches_figure`, :func:`parameters_figure`
+                                   (numbers: :func:`parameter_parts`; text: :func:`layout_summary`)
 =================================  ==================================================================
 
-One module per topic: ``common`` (template, colours, layout helpers), ``routing``, ``attention``,
+Modules: ``common`` (template, colours, layout helpers), ``routing``, ``attention``,
 ``long_context``, ``models`` (parameters and training), ``experiments`` (seeds, timings),
-``architecture`` and ``kernels``; everything public is re-exported here, so ``viz.expert_load_figure``
-is ``viz.routing.expert_load_figure``. A new figure goes into the module of its topic (or a new
-module) and gets a line below.
+``architecture``, ``kernels``, ``multimodal``: one module per topic of the table above. Everything
+public is re-exported here, so ``viz.expert_load_figure`` is ``viz.routing.expert_load_figure``. A new
+figure goes into the module of its topic (or a new module) and gets a line in the table.
 """
 
 from __future__ import annotations
@@ -59,6 +61,14 @@ from l4lab.viz.kernels import (
 )
 from l4lab.viz.long_context import accuracy_vs_length_figure, kv_cache_figure, kv_cache_memory, needle_heatmap
 from l4lab.viz.models import loss_curves_figure, parameter_table
+from l4lab.viz.multimodal import (
+    layout_summary,
+    parameter_parts,
+    parameters_figure,
+    patches_figure,
+    tile_pictures,
+    tiles_figure,
+)
 from l4lab.viz.routing import (
     ROUTING_REFERENCES,
     expert_load_figure,
@@ -91,15 +101,21 @@ __all__ = [
     "kv_cache_memory",
     "layer_label",
     "layer_stack_figure",
+    "layout_summary",
     "loss_curves_figure",
     "moe_block_figure",
     "moe_tiles_figure",
     "needle_heatmap",
+    "parameter_parts",
     "parameter_table",
+    "parameters_figure",
+    "patches_figure",
     "routing_stats_table",
     "seed_spread_figure",
     "seed_statistics",
     "specialisation_figure",
     "temperature_figure",
+    "tile_pictures",
+    "tiles_figure",
     "token_expert_figure",
 ]
