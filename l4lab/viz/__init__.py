@@ -17,14 +17,17 @@ long context                       :func:`accuracy_vs_length_figure`, :func:`nee
 models and training                :func:`parameter_table`, :func:`loss_curves_figure`
 kernels                            :func:`attention_tiles_figure`, :func:`moe_tiles_figure`,
                                    :func:`benchmark_figure` (numbers: :func:`benchmark_rows`)
+expert parallelism                 :func:`traffic_figure`, :func:`rank_wait_figure`, :func:`plan_figure`,
+                                   :func:`ep_cost_figure`
 multimodal                         :func:`tiles_figure`, :func:`patches_figure`, :func:`parameters_figure`
                                    (numbers: :func:`parameter_parts`; text: :func:`layout_summary`)
 =================================  ==================================================================
 
 One module per topic: ``common`` (template, colours, layout helpers), ``routing``, ``attention``,
-``long_context``, ``models`` (parameters and training), ``kernels`` and ``multimodal``; everything
-public is re-exported here, so ``viz.expert_load_figure`` is ``viz.routing.expert_load_figure``. A new
-figure goes into the module of its topic (or a new module) and gets a line below.
+``long_context``, ``models`` (parameters and training), ``kernels``, ``distributed`` and
+``multimodal``; everything public is re-exported here, so ``viz.expert_load_figure`` is
+``viz.routing.expert_load_figure``. A new figure goes into the module of its topic (or a new module)
+and gets a line below.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from l4lab.viz.common import (
     expert_colours,
     layer_label,
 )
+from l4lab.viz.distributed import ep_cost_figure, plan_figure, rank_wait_figure, traffic_figure
 from l4lab.viz.kernels import (
     TILE_COLOURS,
     TILE_KINDS,
@@ -82,6 +86,7 @@ __all__ = [
     "attention_tiles_figure",
     "benchmark_figure",
     "benchmark_rows",
+    "ep_cost_figure",
     "expert_colours",
     "expert_load_figure",
     "kv_cache_figure",
@@ -95,10 +100,13 @@ __all__ = [
     "parameter_table",
     "parameters_figure",
     "patches_figure",
+    "plan_figure",
+    "rank_wait_figure",
     "routing_stats_table",
     "specialisation_figure",
     "temperature_figure",
     "tile_pictures",
     "tiles_figure",
     "token_expert_figure",
+    "traffic_figure",
 ]
