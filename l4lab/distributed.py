@@ -25,10 +25,15 @@ every rank's loss its SHARE of the global loss (``sum of its token losses / toke
 batch``): summed over the ranks the gradients are exactly those of the single-process step, and the
 router's balancing (aux-free bias, Switch loss) reads the load of the global batch.
 
+With ``data_parallel = D`` the ranks form a 2-D DeviceMesh (D replicas x N / D expert-parallel ranks) and
+FSDP2 (``fully_shard``) shards every parameter but the experts over all of them.
+
 Checkpoints: :meth:`ExpertParallelTrainer.save` gathers the single-process checkpoint (any N, or one
 process, resumes it); :func:`save_sharded` / :func:`load_sharded` use ``torch.distributed.checkpoint``
 so that no rank ever holds every expert, and resume under another N; :func:`export_pretrained` writes the
-checkpoint that ``load_pretrained`` and transformers read.
+checkpoint that ``load_pretrained`` and transformers read; :func:`load_pretrained_expert_parallel` reads
+a published checkpoint's shards, each rank only its experts' rows. :func:`trace_expert_parallel`
+records what travels where (notebook 10).
 """
 
 from __future__ import annotations
@@ -51,10 +56,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor, nn
-from torch.distributed import checkpoint as dcp
-from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.nn import functional as autograd_collectives
 from torch.distributed.tensor import DTensor, Shard
 
@@ -280,6 +282,8 @@ def shard_replicated(model: Llama4, mesh: DeviceMesh) -> Llama4:
     """FSDP2 on every parameter but the routed experts: each decoder layer, then the rest, sharded over
     ``mesh``; their gradients are SUMMED over the ranks (each rank's loss is its share of the global
     loss), with sum-only collectives (gloo has no pre-multiplied sum)."""
+    from torch.distributed.fsdp import fully_shard  # seconds to import: only for FSDP2 runs
+
     experts = {p for name, p in model.named_parameters() if is_expert_parameter(name)}
     for module in [*model.layers, model]:
         fully_shard(module, mesh=mesh, ignored_params=experts)
@@ -632,10 +636,12 @@ def save_sharded(
         "world_size": trainer.world_size,
         "metadata": metadata,
     }
+    from torch.distributed import checkpoint as dcp  # seconds to import: only when saving or loading
+
     tensors = sharded_state_dict(trainer, moments=trainer.step_count > 0)
     dcp.save(
         tensors,
-        storage_writer=HuggingFaceStorageWriter(str(step_dir), save_distributed=True),
+        storage_writer=dcp.HuggingFaceStorageWriter(str(step_dir), save_distributed=True),
     )
     dist.barrier()
     if trainer.rank == 0:
@@ -675,8 +681,10 @@ def load_sharded(
         sharded = ExpertParallelTrainer.from_trainer(trainer)
     except ValueError as error:
         raise ValueError(f"{step_dir} was saved by {state['world_size']} ranks; here: {error}") from None
+    from torch.distributed import checkpoint as dcp  # seconds to import: only when saving or loading
+
     tensors = sharded_state_dict(sharded, moments=state["step"] > 0)
-    dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(step_dir)))
+    dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(step_dir)))
     if state["step"] == 0:
         sharded.optimizer.state.clear()
     sharded.step_count, sharded.history = state["step"], state["history"]
