@@ -10,11 +10,16 @@ give the same JSON) and share one template, so they look alike side by side.
 routing                            :func:`expert_load_figure`, :func:`token_expert_figure`,
                                    :func:`specialisation_figure`, :func:`routing_stats_table`
 attention                          :func:`attention_map_figure`, :func:`attention_distance_figure`
-                                   (numbers: :func:`attention_mass_by_distance`),
+                                   (numbers: :func:`attention_mass_by_distance`,
+                                   :func:`attention_row_entropy`),
                                    :func:`temperature_figure`
 long context                       :func:`accuracy_vs_length_figure`, :func:`needle_heatmap`,
                                    :func:`kv_cache_figure` (numbers: :func:`kv_cache_memory`)
 models and training                :func:`parameter_table`, :func:`loss_curves_figure`
+experiments                        :func:`seed_spread_figure` (numbers: :func:`seed_statistics`),
+                                   :func:`decode_time_figure`
+architecture                       :func:`layer_stack_figure`, :func:`decoder_layer_figure`,
+                                   :func:`moe_block_figure` (all drawn from ``layer_plan()``)
 kernels                            :func:`attention_tiles_figure`, :func:`moe_tiles_figure`,
                                    :func:`benchmark_figure` (numbers: :func:`benchmark_rows`)
 expert parallelism                 :func:`traffic_figure`, :func:`rank_wait_figure`, :func:`plan_figure`,
@@ -23,19 +28,22 @@ multimodal                         :func:`tiles_figure`, :func:`patches_figure`,
                                    (numbers: :func:`parameter_parts`; text: :func:`layout_summary`)
 =================================  ==================================================================
 
-One module per topic: ``common`` (template, colours, layout helpers), ``routing``, ``attention``,
-``long_context``, ``models`` (parameters and training), ``kernels``, ``distributed`` and
-``multimodal``; everything public is re-exported here, so ``viz.expert_load_figure`` is
+Modules: ``common`` (template, colours, layout helpers), ``routing``, ``attention``,
+``long_context``, ``models`` (parameters and training), ``experiments`` (seeds, timings),
+``architecture``, ``kernels``, ``distributed`` (expert parallelism), ``multimodal``: one module per
+topic of the table above. Everything public is re-exported here, so ``viz.expert_load_figure`` is
 ``viz.routing.expert_load_figure``. A new figure goes into the module of its topic (or a new module)
-and gets a line below.
+and gets a line in the table.
 """
 
 from __future__ import annotations
 
+from l4lab.viz.architecture import KIND_COLOURS, decoder_layer_figure, layer_stack_figure, moe_block_figure
 from l4lab.viz.attention import (
     attention_distance_figure,
     attention_map_figure,
     attention_mass_by_distance,
+    attention_row_entropy,
     temperature_figure,
 )
 from l4lab.viz.common import (
@@ -46,6 +54,7 @@ from l4lab.viz.common import (
     layer_label,
 )
 from l4lab.viz.distributed import ep_cost_figure, plan_figure, rank_wait_figure, traffic_figure
+from l4lab.viz.experiments import decode_time_figure, seed_spread_figure, seed_statistics
 from l4lab.viz.kernels import (
     TILE_COLOURS,
     TILE_KINDS,
@@ -75,6 +84,7 @@ from l4lab.viz.routing import (
 __all__ = [
     "COLOURS",
     "FONT",
+    "KIND_COLOURS",
     "ROUTING_REFERENCES",
     "TEMPLATE",
     "TILE_COLOURS",
@@ -83,17 +93,22 @@ __all__ = [
     "attention_distance_figure",
     "attention_map_figure",
     "attention_mass_by_distance",
+    "attention_row_entropy",
     "attention_tiles_figure",
     "benchmark_figure",
     "benchmark_rows",
+    "decode_time_figure",
+    "decoder_layer_figure",
     "ep_cost_figure",
     "expert_colours",
     "expert_load_figure",
     "kv_cache_figure",
     "kv_cache_memory",
     "layer_label",
+    "layer_stack_figure",
     "layout_summary",
     "loss_curves_figure",
+    "moe_block_figure",
     "moe_tiles_figure",
     "needle_heatmap",
     "parameter_parts",
@@ -103,6 +118,8 @@ __all__ = [
     "plan_figure",
     "rank_wait_figure",
     "routing_stats_table",
+    "seed_spread_figure",
+    "seed_statistics",
     "specialisation_figure",
     "temperature_figure",
     "tile_pictures",
