@@ -17,12 +17,16 @@ long context                       :func:`accuracy_vs_length_figure`, :func:`nee
 models and training                :func:`parameter_table`, :func:`loss_curves_figure`
 kernels                            :func:`attention_tiles_figure`, :func:`moe_tiles_figure`,
                                    :func:`benchmark_figure` (numbers: :func:`benchmark_rows`)
+the herd and its rivals            :func:`family_table_figure`, :func:`toggle_steps_figure`,
+                                   :func:`router_comparison_figure`, :func:`same_expert_figure`,
+                                   :func:`distillation_figure`
 =================================  ==================================================================
 
 One module per topic: ``common`` (template, colours, layout helpers), ``routing``, ``attention``,
-``long_context``, ``models`` (parameters and training) and ``kernels``; everything public is re-exported
-here, so ``viz.expert_load_figure`` is ``viz.routing.expert_load_figure``. A new figure goes into the
-module of its topic (or a new module) and gets a line below.
+``long_context``, ``models`` (parameters and training), ``kernels`` and ``herd`` (notebook 09);
+everything public is re-exported here, so ``viz.expert_load_figure`` is
+``viz.routing.expert_load_figure``. A new figure goes into the module of its topic (or a new module) and
+gets a line below.
 """
 
 from __future__ import annotations
@@ -39,6 +43,15 @@ from l4lab.viz.common import (
     TEMPLATE,
     expert_colours,
     layer_label,
+)
+from l4lab.viz.herd import (
+    MIXTRAL_CHANCE,
+    MIXTRAL_SAME_EXPERT,
+    distillation_figure,
+    family_table_figure,
+    router_comparison_figure,
+    same_expert_figure,
+    toggle_steps_figure,
 )
 from l4lab.viz.kernels import (
     TILE_COLOURS,
@@ -61,6 +74,8 @@ from l4lab.viz.routing import (
 __all__ = [
     "COLOURS",
     "FONT",
+    "MIXTRAL_CHANCE",
+    "MIXTRAL_SAME_EXPERT",
     "ROUTING_REFERENCES",
     "TEMPLATE",
     "TILE_COLOURS",
@@ -72,8 +87,10 @@ __all__ = [
     "attention_tiles_figure",
     "benchmark_figure",
     "benchmark_rows",
+    "distillation_figure",
     "expert_colours",
     "expert_load_figure",
+    "family_table_figure",
     "kv_cache_figure",
     "kv_cache_memory",
     "layer_label",
@@ -81,8 +98,11 @@ __all__ = [
     "moe_tiles_figure",
     "needle_heatmap",
     "parameter_table",
+    "router_comparison_figure",
     "routing_stats_table",
+    "same_expert_figure",
     "specialisation_figure",
     "temperature_figure",
+    "toggle_steps_figure",
     "token_expert_figure",
 ]
