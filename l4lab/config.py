@@ -1,4 +1,4 @@
-"""The configuration: every architectural number of a Llama 4 text model, and three toggles.
+"""The configuration: every architectural number of a Llama 4 text model (or of its family), and the toggles.
 
 A :class:`Config` holds what the published ``config.json`` of a Llama 4 checkpoint holds, under names
 that say what they mean, plus the toggles that l4lab is built to compare:
@@ -90,6 +90,9 @@ class RouterSpec:
     ``scale``: multiply the chosen score into the expert's ``"input"`` (Llama 4) or ``"output"``.
     ``shared_expert``: a SwiGLU every token passes through besides its routed experts.
     ``routed_scaling_factor``: a constant on the routed weights (DeepSeek-V3: 2.5; others 1).
+
+    Not modelled: DeepSeek-V3's restriction of the choice to the best few groups of experts (its
+    ``n_group``/``topk_group``, for expert parallelism) and its multi-head latent attention.
     """
 
     kind: str

@@ -307,3 +307,41 @@ def test_sliding_window_needs_global_rope() -> None:
         l4lab.preset("tiny", sliding_window=8)
     with pytest.raises(ValueError, match=r"routed_scaling_factor = 2\.5 is not allowed: 1\.0 unless router"):
         l4lab.preset("tiny-moe", routed_scaling_factor=2.5)
+
+
+def test_deepseek_router_matches_transformers_deepseek_v3_moe() -> None:
+    """DeepSeek-V3's MoE block (one group, so no group-limited choice) with a non-zero balancing bias."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    hf_config = transformers.DeepseekV3Config(
+        hidden_size=32,
+        moe_intermediate_size=24,
+        n_routed_experts=6,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+    )
+    hf = randomise(DeepseekV3MoE(hf_config).eval(), seed=4)
+    with torch.no_grad():
+        hf.gate.e_score_correction_bias.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(1))
+    config = l4lab.Config(
+        hidden_size=32,
+        moe_intermediate_size=24,
+        num_experts=6,
+        top_k=2,
+        router="deepseek",
+        routed_scaling_factor=2.5,
+    )
+    ours = MoE(config, layer=0)
+    with torch.no_grad():
+        ours.router.weight.copy_(hf.gate.weight)
+        ours.router.selection_bias.copy_(hf.gate.e_score_correction_bias)
+        ours.experts.gate_up_proj.copy_(hf.experts.gate_up_proj.transpose(1, 2))
+        ours.experts.down_proj.copy_(hf.experts.down_proj.transpose(1, 2))
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            getattr(ours.shared_expert, proj).weight.copy_(getattr(hf.shared_experts, proj).weight)
+        x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(2))
+        assert relative_error(ours(x)[0], hf(x)) < 1e-5
