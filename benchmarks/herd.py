@@ -13,6 +13,9 @@
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/herd.py            # writes benchmarks/results/herd.*
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/herd.py --quick    # a smoke run, nothing written
+
+On two cores, ``--part routers`` and ``--part distillation`` run the two halves as two processes, each
+writing ``herd_<part>.json``; ``--part assemble`` then writes herd.json and herd.md from them.
 """
 
 from __future__ import annotations
@@ -113,7 +116,19 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--teacher-steps", type=int, default=300)
+    parser.add_argument("--part", choices=("all", "routers", "distillation", "assemble"), default="all")
     args = parser.parse_args()
+    if args.part == "assemble":
+        routers = json.loads((RESULTS / "herd_routers.json").read_text())
+        distilled = json.loads((RESULTS / "herd_distillation.json").read_text())
+        alone = [r["val_loss"] for r in routers["routers"]["llama4"]["runs"]]
+        distilled["distillation"]["students"] = {"alone": alone, **distilled["distillation"]["students"]}
+        results = {**routers, "distillation": distilled["distillation"]}
+        results["setup"]["teacher_steps"] = distilled["setup"]["teacher_steps"]
+        (RESULTS / "herd.json").write_text(json.dumps(results, indent=1) + "\n")
+        (RESULTS / "herd.md").write_text(summary(results))
+        print(summary(results))
+        return
     seeds = [0] if args.quick else list(range(args.seeds))
     steps = 3 if args.quick else args.steps
     teacher_steps = 3 if args.quick else args.teacher_steps
@@ -121,7 +136,7 @@ def main() -> None:
     probe_rows = data[1].rows(slice(0, 128))
     results: dict[str, Any] = {"routers": {}, "untrained": {}, "distillation": {}}
 
-    for name in ROUTERS:
+    for name in ROUTERS if args.part in ("all", "routers") else ():
         config = router_config(name)
         total, active = l4lab.count_params(config)
         entry: dict[str, Any] = {
@@ -141,13 +156,21 @@ def main() -> None:
             print(name, run)
         results["routers"][name] = entry
 
+    if args.part == "routers":
+        results["setup"] = setup(seeds, steps, teacher_steps)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "herd_routers.json").write_text(json.dumps(results, indent=1) + "\n")
+        return
     teacher, teacher_run = train(l4lab.preset("tiny-moe", **TEACHER), data, 0, teacher_steps, "aux_free")
     teacher_total, teacher_active = l4lab.count_params(teacher.config)
     results["distillation"] = {
         "teacher": {**teacher_run, "total_params": teacher_total, "active_params": teacher_active},
         "temperature": 2.0,
-        "students": {"alone": [r["val_loss"] for r in results["routers"]["llama4"]["runs"]]},
+        "students": {},
     }
+    if args.part == "all":
+        alone = [r["val_loss"] for r in results["routers"]["llama4"]["runs"]]
+        results["distillation"]["students"]["alone"] = alone
     print("teacher", teacher_run)
     for label, weights in STUDENTS.items():
         if weights is None:
@@ -159,7 +182,23 @@ def main() -> None:
             print(label, seed, run)
         results["distillation"]["students"][label] = losses
 
-    results["setup"] = {
+    results["setup"] = setup(seeds, steps, teacher_steps)
+    if args.part == "distillation":
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "herd_distillation.json").write_text(json.dumps(results, indent=1) + "\n")
+        return
+    if args.quick:
+        print(json.dumps(results, indent=1)[:2000])
+        return
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "herd.json").write_text(json.dumps(results, indent=1) + "\n")
+    (RESULTS / "herd.md").write_text(summary(results))
+    print(summary(results))
+
+
+def setup(seeds: list[int], steps: int, teacher_steps: int) -> dict[str, Any]:
+    """Where and how the results were measured."""
+    return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, 1 thread",
         "python": platform.python_version(),
@@ -170,13 +209,6 @@ def main() -> None:
         "batch": f"16 x {SEQ_LEN} tokens",
         "data": "l4lab.data.corpus_dataset (90% train, 10% validation)",
     }
-    if args.quick:
-        print(json.dumps(results, indent=1)[:2000])
-        return
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "herd.json").write_text(json.dumps(results, indent=1) + "\n")
-    (RESULTS / "herd.md").write_text(summary(results))
-    print(summary(results))
 
 
 def summary(results: dict[str, Any]) -> str:
