@@ -6,6 +6,7 @@
     python -m l4lab train --preset tiny --task text --steps 300 --seq-len 256 --batch-size 16
     python -m l4lab train --preset tiny --task text --steps 300 --teacher runs/big/checkpoint
     python -m l4lab tour --out runs/tour --minutes 1
+    python -m l4lab notebooks ~/l4lab
 
 ``train`` builds the data (``mixture``: the five-domain training mixture of ``l4lab.data``; ``text``:
 Python's standard library documenting itself; ``induction``: the induction-heads task), trains with
@@ -27,6 +28,10 @@ as from the data (``l4lab.train.distillation_loss``; ``--distill-weight``, ``--d
 a linear schedule, ``--distill-temperature``). DIR is a training checkpoint (a run's ``checkpoint/``,
 or the run directory holding it) or a checkpoint directory of ``load_pretrained``, over the same
 vocabulary as the student.
+
+``notebooks`` copies the notebooks and lab exercises shipped with l4lab into a folder of your own
+(``--solutions``: the labs' worked solutions too) and never overwrites a notebook you edited
+(``l4lab.classroom``).
 
 With a time limit the learning-rate schedule is fitted to the time (:func:`train_for`), so a
 two-minute run ends with a fully decayed learning rate rather than being cut off mid-way.
@@ -53,11 +58,13 @@ from typing import Any
 
 import plotly.graph_objects as go
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from l4lab import viz
+from l4lab import classroom, viz
 from l4lab.config import count_params, preset, preset_names
 from l4lab.data import DOMAINS, TokenDataset, corpus_dataset, induction_heads, mixture
+from l4lab.distributed import ExpertParallelTrainer, check_divisible, full_model, init_process_group
 from l4lab.interop import load_pretrained
 from l4lab.model import Llama4, Llama4Output
 from l4lab.report import atomic_write_text, format_value, write_report
@@ -320,6 +327,7 @@ def train(
     distill_weight: float = 0.5,
     distill_weight_end: float | None = None,
     distill_temperature: float = 2.0,
+    expert_parallel: bool = False,
 ) -> dict[str, Any]:
     """Train, probe and write checkpoint, metrics and report into ``out``; return all of it.
 
@@ -333,7 +341,18 @@ def train(
     asks first). A checkpoint is also saved every ``checkpoint_every`` steps; when ``stop()`` turns true,
     the run saves a checkpoint of the last completed step and the metrics so far, and raises
     :class:`RunInterrupted` (:func:`resume` continues it exactly).
+
+    ``expert_parallel``: this process is one rank of a launched group (``torchrun``, see
+    :func:`l4lab.distributed.init_process_group`) and holds only its share of the experts
+    (:class:`l4lab.distributed.ExpertParallelTrainer`): the ranks train the same model, with the same
+    losses, as one process would. Rank 0 writes the files and probes the model; the others return
+    ``{"rank": r}``. Such runs are limited by ``steps`` (``minutes`` must be None).
     """
+    if expert_parallel and minutes is not None:
+        raise ValueError(
+            "an expert-parallel run is limited by steps only (a time limit would stop the ranks at "
+            "different steps): give steps and minutes=None (--minutes 0)"
+        )
     if steps is None and minutes is None:
         raise ValueError("give a number of steps, a time limit in minutes, or both")
     if preset_name not in trainable_presets():
@@ -355,7 +374,11 @@ def train(
         distill_weight_end=distill_weight_end,
         distill_temperature=distill_temperature,
     )
+    if teacher_model is not None and expert_parallel:
+        raise ValueError("distillation (a teacher) runs in one process: drop expert_parallel or the teacher")
     trainer = Trainer(model, train_data, val_data, train_config, teacher_model)
+    if expert_parallel:
+        trainer = ExpertParallelTrainer.from_trainer(trainer)
     run = {
         "preset": preset_name,
         "task": task,
@@ -379,6 +402,7 @@ def resume(
     progress: bool = True,
     checkpoint_every: int | None = None,
     stop: Callable[[], bool] | None = None,
+    expert_parallel: bool = False,
 ) -> dict[str, Any]:
     """Continue the run in ``out`` from its checkpoint, exactly, then probe and report as :func:`train`.
 
@@ -386,7 +410,8 @@ def resume(
     a run resumed after an interruption ends with the history of one that never stopped. A time-limited
     run continues to the number of steps its schedule was fitted to (timing again only when it was
     stopped before the fitting). Raises FileNotFoundError or ValueError, naming the file, when there is
-    no usable checkpoint.
+    no usable checkpoint. ``expert_parallel``: as in :func:`train`; the checkpoint holds the whole
+    model, so a run continues under any number of ranks, or in one process.
     """
     out = Path(out)
     checkpoint = out / "checkpoint"
@@ -399,6 +424,13 @@ def resume(
     train_data, val_data = build_datasets(run["task"], run["seq_len"], run["seed"])
     teacher = load_teacher(run["teacher"]) if run.get("teacher") is not None else None
     trainer = Trainer.resume(checkpoint, train_data, val_data, teacher)
+    if expert_parallel:
+        if run["minutes"] is not None and trainer.step_count < min(CALIBRATION_STEPS, trainer.config.steps):
+            raise ValueError(
+                f"{checkpoint} is a time-limited run stopped before its schedule was fitted; continue it "
+                "in one process (an expert-parallel run is limited by steps only)"
+            )
+        trainer = ExpertParallelTrainer.from_trainer(trainer)
     budget = run["steps"] if run["steps"] is not None else MAX_STEPS
     fitting = run["minutes"] is not None and trainer.step_count < min(CALIBRATION_STEPS, budget)
     time_limit_s = 60.0 * run["minutes"] if fitting else None
@@ -423,22 +455,35 @@ def _train_and_report(
     checkpoint = out / "checkpoint"
     first_step = trainer.step_count
 
+    parallel = isinstance(trainer, ExpertParallelTrainer)
+
+    def stop_asked() -> bool:
+        asked = stop is not None and stop()
+        return trainer.agree(asked) if parallel else asked  # every rank stops after the same step
+
     def after_step(t: Trainer) -> bool:
-        if stop is not None and stop():
+        if stop_asked():
             return True
         if checkpoint_every and t.step_count % checkpoint_every == 0 and t.step_count < t.config.steps:
             t.save(checkpoint, metadata=run)
         return False
 
     started = time.monotonic()
-    history = train_for(trainer, time_limit_s, progress, after_step)
+    history = train_for(trainer, time_limit_s, progress and not (parallel and trainer.rank), after_step)
     seconds = time.monotonic() - started
     trainer.save(checkpoint, metadata=run)
+    model = trainer.model
+    if parallel:  # rank 0 writes the rest, with the whole model gathered from the ranks
+        model = full_model(trainer.model)
+        if trainer.rank:
+            if stop_asked():
+                raise RunInterrupted(out, trainer.step_count, trainer.config.steps)
+            return {"rank": trainer.rank, "history": history}
     metrics = atomic_write_text(out / "metrics.json", metrics_json(history))
-    if stop is not None and stop():
+    if stop_asked():
         raise RunInterrupted(out, trainer.step_count, trainer.config.steps)
 
-    model, task, preset_name, seq_len = trainer.model, run["task"], run["preset"], run["seq_len"]
+    task, preset_name, seq_len = run["task"], run["preset"], run["seq_len"]
     batch_size, balance = run["batch_size"], run["balance"]
     found = probe(model, val_data, task)
     figures = report_figures(model, found, task)
@@ -624,11 +669,11 @@ CHECKPOINT_EVERY = 100
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m l4lab`` parser with its two commands, ``train`` and ``tour``."""
+    """The ``python -m l4lab`` parser with its commands ``train``, ``tour`` and ``notebooks``."""
     parser = argparse.ArgumentParser(
         prog="python -m l4lab", description="Train a tiny Llama 4 on the CPU and look inside it."
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,tour}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,tour,notebooks}")
 
     run = commands.add_parser("train", help="train a tiny model; write checkpoint, metrics and report")
     run.add_argument("--preset", choices=trainable_presets(), help="model (tiny-moe)")
@@ -648,6 +693,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its checkpoint, exactly"
     )
+    run.add_argument(
+        "--expert-parallel",
+        type=_positive_int,
+        metavar="N",
+        help="spread the experts over the N processes torchrun started (needs --steps; gloo on the CPU, "
+        "NCCL on GPUs)",
+    )
 
     show = commands.add_parser("tour", help="a one-minute end-to-end tour, headless")
     show.add_argument("--out", type=Path, default=Path("runs/tour"), help="output directory (runs/tour)")
@@ -655,6 +707,15 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--steps", type=_positive_int, default=None, help="stop after this many steps")
     show.add_argument("--seed", type=_seed, default=0, help="seed (0)")
     _add_run_safety(show)
+
+    copy = commands.add_parser("notebooks", help="copy the notebooks and labs into a folder of your own")
+    copy.add_argument("directory", type=Path, help="the folder to copy them into (created if needed)")
+    copy.add_argument("--solutions", action="store_true", help="also the labs' worked solutions (teachers)")
+    copy.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="also replace notebooks you edited (yours are kept as <name>.ipynb.bak)",
+    )
     return parser
 
 
@@ -733,6 +794,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "notebooks":
+        try:
+            results = classroom.copy_notebooks(args.directory, args.solutions, args.overwrite)
+        except OSError as error:
+            parser.exit(1, f"{parser.prog} notebooks: error: {error}\n")
+        print(classroom.describe(results, args.directory))
+        return 0
     if args.command == "tour":
         minutes = args.minutes or None
         if args.steps is None and minutes is None:
@@ -758,6 +826,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in RUN_DEFAULTS
     }
     out = args.out if args.out is not None else Path("runs") / f"{settings['preset']}-{settings['task']}"
+    if args.expert_parallel is not None:
+        if settings["teacher"] is not None:
+            parser.error("--teacher distils in one process: drop --expert-parallel or --teacher")
+        if args.minutes:
+            parser.error(
+                "--expert-parallel runs are limited by --steps only (a time limit would stop the ranks at "
+                "different steps): drop --minutes"
+            )
+        settings["minutes"] = 0.0
+        if not args.resume:
+            if settings["steps"] is None:
+                parser.error("--expert-parallel needs --steps")
+            try:
+                check_divisible(preset(settings["preset"]).num_experts, args.expert_parallel)
+            except ValueError as error:
+                parser.error(f"--expert-parallel {args.expert_parallel}: {error}")
+            if settings["batch_size"] % args.expert_parallel:
+                parser.error(
+                    f"--batch-size {settings['batch_size']} cannot be split into {args.expert_parallel} "
+                    f"equal blocks of rows: use a multiple of {args.expert_parallel}"
+                )
+        try:
+            init_process_group(world_size=args.expert_parallel)
+        except (RuntimeError, ValueError) as error:
+            parser.error(f"--expert-parallel {args.expert_parallel}: {error}")
+    try:
+        return _run_train(parser, args, settings, out)
+    finally:
+        if args.expert_parallel is not None and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run_train(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, settings: dict[str, Any], out: Path
+) -> int:
+    """The ``train`` command once its options are checked: train or resume, and say where things are."""
+    parallel = args.expert_parallel is not None
     with _StopOnSignal() as stop:
         try:
             if args.resume:
@@ -766,7 +871,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"--resume: {out} holds no checkpoint to continue; start a run without --resume"
                     )
                 try:
-                    result = resume(out, not args.quiet, args.checkpoint_every, stop)
+                    result = resume(out, not args.quiet, args.checkpoint_every, stop, parallel)
                 except (ValueError, FileNotFoundError) as error:
                     parser.exit(1, f"{parser.prog} train: error: cannot resume {out}: {error}\n")
             else:
@@ -807,9 +912,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     distill_weight=settings["distill_weight"],
                     distill_weight_end=settings["distill_weight_end"],
                     distill_temperature=settings["distill_temperature"],
+                    expert_parallel=parallel,
                 )
         except RunInterrupted as stopped:
             return _print_interrupted(stopped, stop.signal)
+    if "rank" in result:  # another rank than 0 of an expert-parallel run: rank 0 reports
+        return 0
     history, summary = result["history"], result["summary"]
     print(
         f"trained {summary['preset']} on {summary['task']}: {len(history)} steps, "

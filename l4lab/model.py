@@ -386,13 +386,26 @@ class Llama4(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(
-        self, input_ids: Tensor, cache: KVCache | None = None, return_attention: bool = False
+        self,
+        input_ids: Tensor,
+        cache: KVCache | None = None,
+        return_attention: bool = False,
+        inputs_embeds: Tensor | None = None,
     ) -> Llama4Output:
-        """Logits for ``input_ids`` [B, T]; with a cache, the tokens continue what it holds."""
+        """Logits for ``input_ids`` [B, T]; with a cache, the tokens continue what it holds.
+
+        ``inputs_embeds`` [B, T, D], when given, replaces the embeddings of ``input_ids``: a multimodal
+        model (``l4lab.vision``) passes the embeddings in which image features fill the placeholders.
+        """
         position = cache.position if cache is not None else 0
         check_input_ids(input_ids, self.config, position, self.device)
         length = input_ids.shape[1]
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        expected = (*input_ids.shape, self.config.hidden_size)
+        if tuple(x.shape) != expected:
+            raise ValueError(
+                f"inputs_embeds must have shape {expected} (input_ids' and the width); got {tuple(x.shape)}"
+            )
 
         freqs_cis = None
         if any(layer.spec.uses_rope for layer in self.layers):
@@ -424,13 +437,14 @@ class Llama4(nn.Module):
         top_p: float = 1.0,
         seed: int | None = None,
         eos_token_id: int | None = None,
+        inputs_embeds: Tensor | None = None,
     ) -> Tensor:
         """The prompt [B, T] followed by ``max_new_tokens`` new tokens, decoded with a KV cache.
 
         Greedy when ``temperature`` is 0; otherwise sampling from ``softmax(logits / temperature)``
         restricted to the smallest set of tokens whose probability reaches ``top_p``, reproducible with
         ``seed``. A sequence that emits ``eos_token_id`` keeps emitting it; generation stops early once
-        every sequence has.
+        every sequence has. ``inputs_embeds`` [B, T, D] replaces the prompt's embeddings (images merged in).
         """
         check_generation_arguments(self.config, max_new_tokens, temperature, top_p, seed, eos_token_id)
         check_input_ids(input_ids, self.config, 0, self.device)
@@ -447,9 +461,10 @@ class Llama4(nn.Module):
         cache = self.new_cache()
         tokens = [input_ids]
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        next_input = input_ids
+        next_input, next_embeds = input_ids, inputs_embeds
         for _ in range(max_new_tokens):
-            logits = self(next_input, cache=cache).logits[:, -1]
+            logits = self(next_input, cache=cache, inputs_embeds=next_embeds).logits[:, -1]
+            next_embeds = None
             next_token = sample_next_token(logits, temperature, top_p, generator)
             if eos_token_id is not None:
                 next_token = torch.where(finished, eos_token_id, next_token)
