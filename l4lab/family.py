@@ -231,9 +231,9 @@ def llama2_to_llama4() -> list[Step]:
     4. MoE: 16 experts of width 8192, top-2, softmax router (Mixtral's): the active FFN width stays 16384.
     5. Llama 4's router: top-1 + a shared expert of width 8192 (the same active width again).
     6. iRoPE: RoPE layers attend within chunks of 8192, every 4th layer is NoPE and global.
-    7. QK norm on the RoPE layers: Scout.
+    7. QK norm on the RoPE layers: Scout's text model (``preset("llama4-scout", vision=None)``).
     """
-    scout = preset("llama4-scout")
+    scout = preset("llama4-scout", vision=None)
     start = scout.replace(
         num_kv_heads=scout.num_heads,
         rope_theta=10000.0,
