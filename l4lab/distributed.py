@@ -735,7 +735,12 @@ def load_pretrained_expert_parallel(
     if not (path / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: not a checkpoint directory")
     files, _ = _weight_files(path)
-    config, declared, _multimodal = _read_config(path, path / CONFIG_NAME, False, None)
+    config, declared, _multimodal, layout = _read_config(path, path / CONFIG_NAME, False, None)
+    if layout != "llama4":
+        raise ValueError(
+            f"{path} holds a {layout!r} checkpoint; expert parallelism loads Llama 4 checkpoints (use "
+            "l4lab.load_pretrained for the others)"
+        )
     with torch.device("meta"):
         model = shard_experts(Llama4(config))
     expected = dict(model.named_parameters())
