@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from l4lab import labs, ops, routing
+from l4lab import labs, ops, routing, vision
 from l4lab.cache import LayerCache
 from l4lab.config import RopeScaling
 from l4lab.model import RoutingRecord, rope_angles, rope_inverse_frequencies
@@ -130,6 +130,23 @@ def load_stats(experts, num_experts):
     return float(-torch.special.xlogy(load, load).sum()), float((load.max() - load.mean()) / load.mean())
 
 
+def pixel_shuffle(patches, factor):
+    n, count, c = patches.shape
+    side = math.isqrt(count)
+    grid = patches.reshape(n, side // factor, factor, side // factor, factor, c)
+    return grid.permute(0, 1, 3, 2, 4, 5).reshape(n, -1, factor * factor * c)
+
+
+def add_class_token(patches, class_embedding, positions):
+    return torch.cat([patches, class_embedding.expand(len(patches), 1, -1)], dim=1) + positions
+
+
+def merge_image_features(embeddings, input_ids, features, image_token_id):
+    out = embeddings.clone()
+    out[input_ids == image_token_id] = features
+    return out
+
+
 SOLUTIONS = {
     "1.1": rms_norm,
     "1.2": rope_frequencies,
@@ -145,6 +162,9 @@ SOLUTIONS = {
     "3.4": chunked_cache_update,
     "4.1": same_expert_rate,
     "4.2": load_stats,
+    "6.1": pixel_shuffle,
+    "6.2": add_class_token,
+    "6.3": merge_image_features,
 }
 
 
@@ -193,6 +213,8 @@ FROM_L4LAB = {
     "3.4": _l4lab_cache_update,
     "4.1": lambda e: routing.same_expert_rate(_record(e, int(e.max()) + 1))[0],
     "4.2": _l4lab_load_stats,
+    "6.1": vision.pixel_shuffle,
+    "6.3": vision.merge_image_features,
 }
 
 
@@ -361,6 +383,35 @@ def load_stats_dropping_idle_experts(experts, num_experts):
     return float(-torch.special.xlogy(p, p).sum()), float((p.max() - p.mean()) / p.mean())
 
 
+def pixel_shuffle_transpose_order(patches, factor):
+    n, count, c = patches.shape
+    side = math.isqrt(count)
+    grid = patches.reshape(n, side // factor, factor, side // factor, factor, c)
+    return grid.permute(0, 1, 3, 4, 2, 5).reshape(n, -1, factor * factor * c)  # [i, j, dj, di, C]
+
+
+def pixel_shuffle_plain_reshape(patches, factor):
+    return patches.reshape(patches.shape[0], -1, factor * factor * patches.shape[2])
+
+
+def class_token_first(patches, class_embedding, positions):
+    return torch.cat([class_embedding.expand(len(patches), 1, -1), patches], dim=1) + positions
+
+
+def merge_each_row_from_zero(embeddings, input_ids, features, image_token_id):
+    out = embeddings.clone()
+    for row in range(len(input_ids)):
+        where = input_ids[row] == image_token_id
+        out[row, where] = features[: int(where.sum())]
+    return out
+
+
+def merge_into_first_positions(embeddings, input_ids, features, image_token_id):
+    out = embeddings.clone().flatten(0, 1)
+    out[: len(features)] = features
+    return out.view_as(embeddings)
+
+
 WRONG = [
     ("1.1", rms_eps_outside, 4, "eps goes INSIDE the square root"),
     ("1.3", rope_rotate_half, 1, "Llama 4 pairs (2i, 2i+1), not (i, i+D/2)"),
@@ -383,6 +434,11 @@ WRONG = [
     ("4.1", rate_across_sequences, 1, "pairs never cross from one sequence to the next"),
     ("4.2", load_stats_nan, 2, "0 * ln 0 counts as 0"),
     ("4.2", load_stats_dropping_idle_experts, 2, "minlength=num_experts"),
+    ("6.1", pixel_shuffle_transpose_order, 1, "Check the order of your permute"),
+    ("6.1", pixel_shuffle_plain_reshape, 1, "a token must gather an f x f SQUARE"),
+    ("6.2", class_token_first, 1, "Llama 4 APPENDS the class token after the patches"),
+    ("6.3", merge_each_row_from_zero, 2, "row 1's placeholders continue where row 0's stopped"),
+    ("6.3", merge_into_first_positions, 1, "the features go where the placeholders are"),
 ]
 
 
@@ -581,6 +637,7 @@ def test_every_lab_has_an_exercise_and_a_solution_notebook():
         "lab2_router_moe.ipynb",
         "lab3_chunked_attention.ipynb",
         "lab4_routing_experiment.ipynb",
+        "lab6_multimodal.ipynb",
     ]
     for exercise in EXERCISES:
         assert (LAB_NOTEBOOKS / "solutions" / exercise.name).exists()
