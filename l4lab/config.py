@@ -8,7 +8,9 @@ that say what they mean, plus the three toggles that l4lab is built to compare:
 * ``positions = "irope" | "rope"``: Llama 4's iRoPE (every ``nope_layer_interval``-th layer has no
   positional encoding, attends globally and tunes its temperature; the other layers use RoPE and attend
   within chunks of ``attention_chunk_size`` tokens), or Llama 3's RoPE with global attention everywhere.
-  Both read the same weights, so a trained model can be flipped to compare them.
+  Both read the same weights, so a trained model can be flipped to compare them. Two more settings
+  take iRoPE apart, for experiments that attribute its effect: ``"nope"`` (every layer NoPE, global,
+  temperature tuned like Llama 4's NoPE layers) and ``"chunked"`` (every layer RoPE and chunked).
 * ``backend = "eager" | "fused"``: plain PyTorch operations, or the Triton kernels of ``l4lab.kernels``.
 
 The toggles are resolved in ONE place, :meth:`Config.layer_plan`, into a :class:`LayerSpec` per layer;
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 FFN_CHOICES = ("moe", "dense")
-POSITION_CHOICES = ("irope", "rope")
+POSITION_CHOICES = ("irope", "rope", "nope", "chunked")
 BACKEND_CHOICES = ("eager", "fused")
 
 
@@ -204,8 +206,9 @@ class Config:
         """Resolve the toggles into what each layer does. The model reads only this."""
         plan = []
         for i in range(self.num_layers):
-            nope = self.positions == "irope" and (i + 1) % self.nope_layer_interval == 0
-            chunked = self.positions == "irope" and not nope
+            interleaved_nope = self.positions == "irope" and (i + 1) % self.nope_layer_interval == 0
+            nope = self.positions == "nope" or interleaved_nope
+            chunked = self.positions == "chunked" or (self.positions == "irope" and not nope)
             plan.append(
                 LayerSpec(
                     index=i,
