@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -158,19 +159,25 @@ def held_out_rows(length: int, rows: int, seed: int) -> Tensor:
     ).tokens
 
 
-def evaluate(model: Llama4, setup: InductionSetup, lengths: list[int], rows: int) -> list[dict[str, Any]]:
-    """Accuracy at each test length, split by whether the trigger is the last token of a chunk."""
+def evaluate(
+    model: Llama4, setup: InductionSetup, lengths: list[int], rows: int | Callable[[int], int]
+) -> list[dict[str, Any]]:
+    """Accuracy at each test length, split by whether the trigger is the last token of a chunk.
+
+    ``rows``: test rows per length, or a function of the length that gives them.
+    """
     results = []
     for length in lengths:
         started = time.perf_counter()
-        tokens = held_out_rows(length, rows, setup.seed)
+        count = rows(length) if callable(rows) else rows
+        tokens = held_out_rows(length, count, setup.seed)
         hits = induction_hits(model, tokens)
         edge = (first_trigger(tokens) + 1) % setup.chunk == 0  # the answer opens a chunk
         results.append(
             {
                 "length": length,
                 "accuracy": float(hits.float().mean()),
-                "rows": rows,
+                "rows": count,
                 "edge_rows": int(edge.sum()),
                 "edge_accuracy": float(hits[edge].float().mean()) if edge.any() else None,
                 "other_accuracy": float(hits[~edge].float().mean()),
@@ -181,7 +188,10 @@ def evaluate(model: Llama4, setup: InductionSetup, lengths: list[int], rows: int
 
 
 def run_induction(
-    setup: InductionSetup, lengths: list[int], rows: int = 256, progress: bool = False
+    setup: InductionSetup,
+    lengths: list[int],
+    rows: int | Callable[[int], int] = 256,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Train one model of the table and test it at ``lengths``: the content of ``results.json``."""
     if not lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 4 for n in lengths):

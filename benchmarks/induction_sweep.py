@@ -1,0 +1,189 @@
+"""Gu & Dao (2023, Mamba) Table 11 on l4lab's position schemes, and iRoPE past the paper's lengths.
+
+Every cell is ``l4lab.induction.run_induction`` (what ``python -m l4lab induction`` runs): a 2-layer
+model trained at 256 tokens on induction heads (vocabulary 16), tested at 2^6 ... 2^14 tokens, the iRoPE
+rows continued to 2^15, 2^16 and 2^17. Rows: MHA-RoPE (global), NoPE everywhere, RoPE+chunked, iRoPE,
+iRoPE without temperature tuning; several seeds each.
+
+Each trained cell is written at once to ``benchmarks/results/induction/<row>-seed<N>.json`` and skipped
+when it is there, so the sweep can stop and continue, and two workers can share it
+(``--worker 0/2`` and ``--worker 1/2``). ``--summarise`` reads the cells and writes
+``benchmarks/results/induction_sweep.{json,md}``: mean and spread per row and length beside the published
+rows, with versions, machine and date::
+
+    OMP_NUM_THREADS=1 python benchmarks/induction_sweep.py --seeds 0,1,2 --worker 0/2 &
+    OMP_NUM_THREADS=1 python benchmarks/induction_sweep.py --seeds 0,1,2 --worker 1/2 &
+    python benchmarks/induction_sweep.py --summarise
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from l4lab.induction import PUBLISHED_LENGTHS, PUBLISHED_TABLE_11, InductionSetup, run_induction
+
+ROOT = Path(__file__).resolve().parents[1]
+CELLS = ROOT / "benchmarks" / "results" / "induction"
+SUMMARY = ROOT / "benchmarks" / "results" / "induction_sweep"
+ROWS = {  # file name -> (positions, temperature tuning)
+    "rope": ("rope", True),
+    "nope": ("nope", True),
+    "chunked": ("chunked", True),
+    "irope": ("irope", True),
+    "irope-no-temperature": ("irope", False),
+}
+LONG_LENGTHS = [2**15, 2**16, 2**17]  # past the paper's attention models: iRoPE rows only
+
+
+def rows_at(length: int) -> int:
+    """Test rows per length: 256 as in the paper up to 2^11, fewer where a CPU row costs seconds."""
+    return 256 if length <= 2**11 else 64 if length <= 2**14 else 32
+
+
+def run_cells(seeds: list[int], worker: int, workers: int, steps: int) -> None:
+    CELLS.mkdir(parents=True, exist_ok=True)
+    todo = [(seed, name) for seed in seeds for name in ROWS]
+    for index, (seed, name) in enumerate(todo):
+        path = CELLS / f"{name}-seed{seed}.json"
+        if index % workers != worker or path.exists():
+            continue
+        positions, tuned = ROWS[name]
+        setup = InductionSetup(positions=positions, temperature_tuning=tuned, steps=steps, seed=seed)
+        lengths = PUBLISHED_LENGTHS + (LONG_LENGTHS if positions == "irope" else [])
+        print(f"{name} seed {seed}: training", flush=True)
+        result = run_induction(setup, lengths, rows=rows_at)
+        result["machine"] = machine()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        os.replace(tmp, path)
+        print(
+            f"{name} seed {seed}: " + ", ".join(f"{r['accuracy']:.0%}" for r in result["results"]), flush=True
+        )
+
+
+def machine() -> dict[str, str]:
+    return {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": str(torch.get_num_threads()),
+    }
+
+
+def summarise() -> None:
+    """Mean, standard deviation, min and max per row and length, beside Table 11; JSON and markdown."""
+    cells: dict[str, list[dict]] = {}
+    for path in sorted(CELLS.glob("*.json")):
+        name = path.stem.rsplit("-seed", 1)[0]
+        cells.setdefault(name, []).append(json.loads(path.read_text()))
+    rows = {}
+    for name in ROWS:
+        runs = cells.get(name, [])
+        if not runs:
+            continue
+        by_length: dict[int, list[float]] = {}
+        edge: dict[int, list[float]] = {}
+        for run in runs:
+            for r in run["results"]:
+                by_length.setdefault(r["length"], []).append(100 * r["accuracy"])
+                if r["edge_accuracy"] is not None:
+                    edge.setdefault(r["length"], []).append(100 * r["edge_accuracy"])
+        rows[name] = {
+            "label": runs[0]["label"],
+            "seeds": sorted(run["setup"]["seed"] for run in runs),
+            "setup": {k: v for k, v in runs[0]["setup"].items() if k != "seed"},
+            "train_seconds": [run["train_seconds"] for run in runs],
+            "final_loss": [run["final_loss"] for run in runs],
+            "lengths": {
+                str(n): {
+                    "mean": statistics.fmean(values),
+                    "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "min": min(values),
+                    "max": max(values),
+                    "values": values,
+                    "rows": rows_at(n),
+                    "edge_mean": statistics.fmean(edge[n]) if edge.get(n) else None,
+                }
+                for n, values in sorted(by_length.items())
+            },
+        }
+    info = machine()
+    summary = {"machine": info, "published": PUBLISHED_TABLE_11, "published_lengths": PUBLISHED_LENGTHS}
+    summary["rows"] = rows
+    SUMMARY.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+    SUMMARY.with_suffix(".md").write_text(markdown(summary))
+    print(SUMMARY.with_suffix(".md").read_text())
+
+
+def markdown(summary: dict) -> str:
+    lengths = PUBLISHED_LENGTHS + LONG_LENGTHS
+    info = summary["machine"]
+    head = "| model | seeds | " + " | ".join(f"2^{n.bit_length() - 1}" for n in lengths) + " |"
+    lines = [
+        "# Induction heads: Gu & Dao 2023 (Mamba), Table 11, beside l4lab's position schemes",
+        "",
+        f"- written by benchmarks/induction_sweep.py; {info['date']}; torch {info['torch']}, Python "
+        f"{info['python']}, CPU {info['cpu']}, one thread per run",
+        "- accuracy (%) of the one scored token, 2-layer models trained at 256 tokens, vocabulary 16 "
+        "(chance 1/15 = 6.7%); l4lab cells: mean +- sd over seeds [min-max]",
+        "",
+        head,
+        "|---|---|" + "---|" * len(lengths),
+    ]
+    for name, values in summary["published"].items():
+        cells = [f"{v:g}" for v in values] + ["OOM"] * len(LONG_LENGTHS)
+        lines.append(f"| {name} (published) | - | " + " | ".join(cells) + " |")
+    for row in summary["rows"].values():
+        cells = []
+        for n in lengths:
+            cell = row["lengths"].get(str(n))
+            cells.append(
+                ""
+                if cell is None
+                else f"{cell['mean']:.1f} +- {cell['sd']:.1f} [{cell['min']:.0f}-{cell['max']:.0f}]"
+            )
+        lines.append(f"| {row['label']} (l4lab) | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Test rows per length: " + ", ".join(f"2^{n.bit_length() - 1}: {rows_at(n)}" for n in lengths),
+    ]
+    lines += [
+        "",
+        "Accuracy (%) on the rows whose answer opens a chunk (the chunk-boundary blind spot), mean:",
+    ]
+    for row in summary["rows"].values():
+        edges = [row["lengths"].get(str(n), {}).get("edge_mean") for n in lengths]
+        if row["setup"]["positions"] in ("irope", "chunked"):
+            lines.append(f"- {row['label']}: " + ", ".join("-" if e is None else f"{e:.0f}" for e in edges))
+    setup = next(iter(summary["rows"].values()))["setup"] if summary["rows"] else {}
+    lines += ["", f"Setup shared by every row (besides positions and temperature): {setup}", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (0,1,2)")
+    parser.add_argument("--worker", default="0/1", help="this worker's share, i/n (0/1)")
+    parser.add_argument("--steps", type=int, default=InductionSetup().steps)
+    parser.add_argument("--summarise", action="store_true", help="write the summary from the cells")
+    args = parser.parse_args(argv)
+    if args.summarise:
+        summarise()
+        return 0
+    worker, workers = (int(part) for part in args.worker.split("/"))
+    run_cells([int(s) for s in args.seeds.split(",")], worker, workers, args.steps)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
