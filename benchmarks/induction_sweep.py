@@ -45,8 +45,8 @@ LONG_LENGTHS = [2**15, 2**16, 2**17]  # past the paper's attention models: iRoPE
 
 
 def rows_at(length: int) -> int:
-    """Test rows per length: 256 as in the paper up to 2^11, fewer where a CPU row costs seconds."""
-    return 256 if length <= 2**11 else 64 if length <= 2**14 else 32
+    """Test rows per length: 256 as in the paper up to 2^10, fewer where a CPU row costs seconds."""
+    return 256 if length <= 2**10 else 128 if length <= 2**11 else 64 if length <= 2**12 else 32
 
 
 def run_cells(seeds: list[int], worker: int, workers: int, steps: int) -> None:

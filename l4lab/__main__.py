@@ -623,7 +623,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cell.add_argument("--positions", choices=POSITION_CHOICES, default=defaults.positions, help="(irope)")
     cell.add_argument(
-        "--train-length", type=_at_most(MAX_SEQ_LEN), default=defaults.train_length, help="(256)"
+        "--train-length",
+        type=_at_most(MAX_SEQ_LEN),
+        default=defaults.train_length,
+        help="(64; the paper: 256)",
     )
     cell.add_argument(
         "--test-lengths", type=_lengths, default=[64, 256, 1024, 4096, 16384], help="(64,256,1024,4096,16384)"
@@ -635,6 +638,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cell.add_argument(
         "--chunk", type=_positive_int, default=defaults.chunk, help=f"attention chunk ({defaults.chunk})"
+    )
+    cell.add_argument(
+        "--floor-scale", type=_positive_int, default=defaults.floor_scale, help=f"({defaults.floor_scale})"
     )
     cell.add_argument("--steps", type=_positive_int, default=defaults.steps, help=f"({defaults.steps})")
     cell.add_argument("--rows", type=_positive_int, default=256, help="test rows per length (256)")
@@ -657,6 +663,7 @@ def induction_cell(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         temperature_tuning=not args.no_temperature,
         train_length=args.train_length,
         chunk=args.chunk,
+        floor_scale=args.floor_scale,
         steps=args.steps,
         seed=args.seed,
     )

@@ -54,13 +54,17 @@ class InductionSetup:
 
     positions: str = "irope"
     temperature_tuning: bool = True
-    train_length: int = 256
-    chunk: int = 64  # RoPE layers' attention chunk: 4 chunks per training row
-    floor_scale: int = 64  # the temperature moves from position 63 on, inside the training length
+    # The paper trains at 256. On two shared CPU cores a 2-layer model at 256 had not started to learn
+    # after 250 steps (batch 32, lr 2e-3 or 5e-3: accuracy at chance, 10 minutes each); at 64 the same
+    # model learns in 800 steps (notebook 04's recipe). So the sweep trains at 64 and compares at equal
+    # multiples of the training length; --train-length 256 runs the paper's setting.
+    train_length: int = 64
+    chunk: int = 32  # RoPE layers' attention chunk: 2 chunks per training row
+    floor_scale: int = 16  # the temperature moves from position 15 on, inside the training length
     hidden_size: int = 64
     num_heads: int = 4
-    steps: int = 600
-    batch_size: int = 32
+    steps: int = 800
+    batch_size: int = 64
     lr: float = 1e-3
     seed: int = 0
 
@@ -103,7 +107,7 @@ class InductionSetup:
             hidden_size=self.hidden_size,
             num_layers=2,
             num_heads=self.num_heads,
-            num_kv_heads=self.num_heads,
+            num_kv_heads=self.num_heads // 2 if self.num_heads % 2 == 0 else self.num_heads,
             head_dim=self.hidden_size // self.num_heads,
             dense_intermediate_size=2 * self.hidden_size,
             nope_layer_interval=2,

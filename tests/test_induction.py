@@ -38,8 +38,8 @@ def test_published_table_is_gu_and_dao_table_11() -> None:
     [
         ("rope", [(True, None, False), (True, None, False)]),
         ("nope", [(False, None, True), (False, None, True)]),
-        ("chunked", [(True, 64, False), (True, 64, False)]),
-        ("irope", [(True, 64, False), (False, None, True)]),
+        ("chunked", [(True, 32, False), (True, 32, False)]),
+        ("irope", [(True, 32, False), (False, None, True)]),
     ],
 )
 def test_each_scheme_resolves_to_its_layers(positions: str, expected: list) -> None:
