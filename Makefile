@@ -34,7 +34,7 @@ lint: $(STAMP)
 # full (--all: an incremental Sphinx build with no changed page skips copying book/_static).
 BOOK_HTML := book/_build/html/intro.html
 BOOK_SOURCES := $(wildcard book/*.md book/*.yml book/*.py book/api/*.md book/_static/*.css \
-	book/_static/*.svg book/_extra/* notebooks/*.ipynb notebooks/labs/*.ipynb notebooks/labs/solutions/*.ipynb l4lab/*.py kernels/*.py)
+	book/_static/*.svg book/_extra/* notebooks/*.ipynb notebooks/labs/*.ipynb notebooks/labs/solutions/*.ipynb l4lab/*.py l4lab/*/*.py kernels/*.py)
 
 book: $(BOOK_HTML)
 

@@ -31,7 +31,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -43,6 +42,8 @@ import nbformat
 from nbclient import NotebookClient
 
 from l4lab.claims import notebook_claims, spread
+
+from machine import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "claims_spread"
@@ -141,26 +142,6 @@ def summarise(runs: list[dict]) -> dict[str, dict[str, dict]]:
                 else {"line": str(claim), "runs": 0, "values": []}
             )
     return table
-
-
-def machine() -> dict[str, str]:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "best ATen kernels": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def markdown(result: dict) -> str:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -48,6 +47,8 @@ from torch import Tensor, nn
 from transformers import Llama4ForCausalLM, Llama4TextConfig
 
 import l4lab
+
+from machine import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu_vs_transformers.md"
 PARITY_TOLERANCE = 1e-4
@@ -196,16 +197,6 @@ def tokens_per_second(
 
 
 # ---------------------------------------------------------------------- report
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def header(args: argparse.Namespace) -> list[str]:
     today = datetime.date.today().isoformat()
     return [

@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from machine import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGING_PREFIX = ".l4lab-staging-"  # l4lab.storage's; repeated so that the controller need not import torch
 JOURNAL_NAME = ".l4lab-commit.json"
@@ -413,16 +415,6 @@ def _resumes(out: Path, train_data: Any, val_data: Any) -> Any:
 
 
 # ---------------------------------------------------------------------- report
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def versions() -> str:
     import safetensors
     import torch

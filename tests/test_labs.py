@@ -3,6 +3,7 @@ with a message that says what is wrong (and never raise)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -382,6 +383,43 @@ def test_unknown_steps_and_non_functions_are_answered_not_raised():
     assert "the steps are 1.1, 1.2, 1.3" in labs.check("1.9", rms_norm).message
     result = labs.check("1.1", rms_norm(torch.ones(2), torch.ones(2), 1e-5))
     assert "pass the function itself" in result.message
+
+
+def test_a_lab_is_one_module_that_registers_its_steps(monkeypatch):
+    """What a teacher's new module does (l4lab/labs/core.py): steps registered under a lab number become
+    checkable by id and by the lab's name; ids that do not start with the number and a name already
+    taken are refused with a message."""
+    from l4lab.labs import core
+
+    monkeypatch.setattr(core, "LABS", dict(core.LABS))
+    monkeypatch.setattr(core, "_STEPS", list(core._STEPS))
+    square = core.Step(
+        "9.1",
+        "square",
+        ("x",),
+        "x times itself",
+        lambda: [core.Case("x = 3", (torch.tensor(3.0),), torch.tensor(9.0))],
+        core.compare_tensor,
+        (core.Mistake("doubled", lambda x: 2 * x, "multiply x by itself, not by 2"),),
+        "x * x",
+    )
+    core.register_lab("9", "squares", [square])
+    assert labs.steps("squares") == ["9.1  square(x) — x times itself"]
+    assert labs.check("squares.1", lambda x: x * x).passed
+    assert "multiply x by itself, not by 2" in labs.check("9.1", lambda x: x + x).message
+    assert labs.steps()[-1].startswith("9.1")  # after the labs registered before it
+    with pytest.raises(ValueError, match=r"must be named '8\.<step>'"):
+        core.register_lab("8", "cubes", [square])
+    with pytest.raises(ValueError, match="already called 'squares'"):
+        core.register_lab("8", "squares", [dataclasses.replace(square, id="8.1")])
+
+
+def test_hint_levels_are_checked():
+    assert labs.hint("3.1").startswith("3.1")
+    with pytest.raises(ValueError, match="level must be 1"):
+        labs.hint("3.1", 4)
+    with pytest.raises(ValueError, match="unknown step"):
+        labs.hint("3.9")
 
 
 def test_result_display():

@@ -1,0 +1,88 @@
+"""Figures for looking inside Llama 4: routing, attention, temperature, memory, parameters, training.
+
+Every function here is pure: it takes tensors or numbers and returns a ``plotly.graph_objects.Figure``
+(or, for the numbers behind a figure, a plain dict or tensor). Nothing is displayed and no widget is
+created; in a notebook, the figure shows itself when it is the last expression of a cell, and
+``fig.write_html(...)`` or ``fig.write_image(...)`` saves it. Figures are deterministic (the same inputs
+give the same JSON) and share one template, so they look alike side by side.
+
+=================================  ==================================================================
+routing                            :func:`expert_load_figure`, :func:`token_expert_figure`,
+                                   :func:`specialisation_figure`, :func:`routing_stats_table`
+attention                          :func:`attention_map_figure`, :func:`attention_distance_figure`
+                                   (numbers: :func:`attention_mass_by_distance`),
+                                   :func:`temperature_figure`
+long context                       :func:`accuracy_vs_length_figure`, :func:`needle_heatmap`,
+                                   :func:`kv_cache_figure` (numbers: :func:`kv_cache_memory`)
+models and training                :func:`parameter_table`, :func:`loss_curves_figure`
+kernels                            :func:`attention_tiles_figure`, :func:`moe_tiles_figure`,
+                                   :func:`benchmark_figure` (numbers: :func:`benchmark_rows`)
+=================================  ==================================================================
+
+One module per topic: ``common`` (template, colours, layout helpers), ``routing``, ``attention``,
+``long_context``, ``models`` (parameters and training) and ``kernels``; everything public is re-exported
+here, so ``viz.expert_load_figure`` is ``viz.routing.expert_load_figure``. A new figure goes into the
+module of its topic (or a new module) and gets a line below.
+"""
+
+from __future__ import annotations
+
+from l4lab.viz.attention import (
+    attention_distance_figure,
+    attention_map_figure,
+    attention_mass_by_distance,
+    temperature_figure,
+)
+from l4lab.viz.common import (
+    COLOURS,
+    FONT,
+    TEMPLATE,
+    expert_colours,
+    layer_label,
+)
+from l4lab.viz.kernels import (
+    TILE_COLOURS,
+    TILE_KINDS,
+    attention_tiles_figure,
+    benchmark_figure,
+    benchmark_rows,
+    moe_tiles_figure,
+)
+from l4lab.viz.long_context import accuracy_vs_length_figure, kv_cache_figure, kv_cache_memory, needle_heatmap
+from l4lab.viz.models import loss_curves_figure, parameter_table
+from l4lab.viz.routing import (
+    ROUTING_REFERENCES,
+    expert_load_figure,
+    routing_stats_table,
+    specialisation_figure,
+    token_expert_figure,
+)
+
+__all__ = [
+    "COLOURS",
+    "FONT",
+    "ROUTING_REFERENCES",
+    "TEMPLATE",
+    "TILE_COLOURS",
+    "TILE_KINDS",
+    "accuracy_vs_length_figure",
+    "attention_distance_figure",
+    "attention_map_figure",
+    "attention_mass_by_distance",
+    "attention_tiles_figure",
+    "benchmark_figure",
+    "benchmark_rows",
+    "expert_colours",
+    "expert_load_figure",
+    "kv_cache_figure",
+    "kv_cache_memory",
+    "layer_label",
+    "loss_curves_figure",
+    "moe_tiles_figure",
+    "needle_heatmap",
+    "parameter_table",
+    "routing_stats_table",
+    "specialisation_figure",
+    "temperature_figure",
+    "token_expert_figure",
+]

@@ -1,0 +1,162 @@
+"""Long-context figures (notebooks 04 and 05): accuracy against test length, needle in a haystack, and
+the KV cache's memory, all layers global against iRoPE."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from torch import Tensor
+
+from l4lab.config import Config
+from l4lab.viz.common import (
+    COLOURS,
+    finish,
+    hline,
+    length_label,
+    to_numpy,
+    vline,
+)
+
+
+def accuracy_vs_length_figure(
+    lengths: Sequence[int],
+    accuracies: Mapping[str, Sequence[float]],
+    train_length: int | None = None,
+) -> go.Figure:
+    """Accuracy against test length (log x), one line per model, with a line at the training length.
+
+    ``accuracies`` maps a model's name to its accuracy at each of ``lengths``. Left of the training
+    length every model has seen such sequences; right of it the question is how far each one holds up
+    (Mamba's Table 11: RoPE induction heads collapse just past it).
+    """
+    fig = go.Figure()
+    for i, (name, values) in enumerate(accuracies.items()):
+        if len(values) != len(lengths):
+            raise ValueError(f"{name!r} has {len(values)} accuracies for {len(lengths)} lengths")
+        fig.add_trace(
+            go.Scatter(
+                x=np.asarray(lengths),
+                y=to_numpy(values),
+                mode="lines+markers",
+                name=name,
+                line=dict(color=COLOURS[i % len(COLOURS)]),
+                hovertemplate=f"{name}, length %{{x:,}}: %{{y:.3g}}<extra></extra>",
+            )
+        )
+    if train_length is not None:
+        vline(fig, train_length, f"trained at {length_label(train_length)}")
+    fig.update_xaxes(
+        type="log", tickmode="array", tickvals=list(lengths), ticktext=[length_label(n) for n in lengths]
+    )
+    return finish(fig, "Accuracy against sequence length", "test length (tokens, log scale)", "accuracy")
+
+
+def needle_heatmap(
+    depths: Sequence[float], lengths: Sequence[int], accuracy: Tensor | Sequence[Sequence[float]]
+) -> go.Figure:
+    """Needle in a haystack: retrieval accuracy [len(depths), len(lengths)] by depth and context length.
+
+    ``depths`` are where the needle sits, as fractions of the context (0 = start, 1 = end) or as
+    percentages; ``lengths`` the context lengths, shown evenly spaced. Green is found, red is lost.
+    """
+    z = to_numpy(accuracy)
+    if z.shape != (len(depths), len(lengths)):
+        raise ValueError(f"accuracy has shape {z.shape}, expected ({len(depths)}, {len(lengths)})")
+    fractions = all(0 <= d <= 1 for d in depths)
+    percent = bool(np.nanmax(z) > 1) if z.size else False
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=[length_label(n) for n in lengths],
+            y=[f"{d:.0%}" if fractions else f"{d:g}%" for d in depths],
+            colorscale="RdYlGn",
+            zmin=0.0,
+            zmax=100.0 if percent else 1.0,
+            texttemplate="%{z:.0f}" if percent else "%{z:.0%}",
+            colorbar=dict(title=dict(text="accuracy")),
+            hovertemplate="length %{x}, depth %{y}: %{z:.3g}<extra></extra>",
+        )
+    )
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(type="category", autorange="reversed")
+    return finish(
+        fig,
+        "Needle in a haystack: retrieval accuracy by context length and needle depth",
+        "context length (tokens)",
+        "needle depth (0% = start of the context)",
+    )
+
+
+def kv_cache_memory(
+    config: Config, context_lengths: Sequence[int], batch: int = 1, bytes_per_value: int = 2
+) -> dict[str, list[int]]:
+    """Bytes of KV cache at each context length T: every layer global vs Llama 4's iRoPE plan.
+
+    A layer caches a key and a value (2) for each kept token, batch sequence and KV head:
+    ``2 * kept_tokens * batch * num_kv_heads * head_dim * bytes_per_value`` bytes (2 bytes in bf16).
+
+    * ``"all_global"``: every layer keeps all T tokens (Llama 3, or Llama 4 with ``positions="rope"``).
+    * ``"irope"``: the layers of ``config.replace(positions="irope").layer_plan()``: global (NoPE) layers
+      keep T tokens, chunked (RoPE) layers at most ``min(T, chunk_size)``: the current chunk.
+
+    Scout at 10M tokens in bf16: 12 global layers x 10M x 8 heads x 128 x 2 x 2 bytes = 491.5 GB, plus
+    36 chunked layers x 8192 tokens = 1.2 GB, against 1966 GB if all 48 layers were global.
+    """
+    per_token = 2 * batch * config.num_kv_heads * config.head_dim * bytes_per_value
+    plan = config.replace(positions="irope").layer_plan()
+    all_global, irope = [], []
+    for length in context_lengths:
+        length = int(length)
+        all_global.append(config.num_layers * length * per_token)
+        kept = sum(length if spec.chunk_size is None else min(length, spec.chunk_size) for spec in plan)
+        irope.append(kept * per_token)
+    return {"all_global": all_global, "irope": irope}
+
+
+def kv_cache_figure(
+    config: Config,
+    context_lengths: Sequence[int] | None = None,
+    batch: int = 1,
+    bytes_per_value: int = 2,
+) -> go.Figure:
+    """KV cache memory (GB, log-log) against context length: all layers global vs iRoPE.
+
+    ``context_lengths`` default to powers of two from 1K to 8M, then 10M. With Scout's shape
+    (``l4lab.preset("llama4-scout")``) the iRoPE cache is a quarter of the all-global one once T is well
+    past the chunk size: only every fourth layer keeps everything. A dotted line marks one 80 GB H100.
+    """
+    if context_lengths is None:
+        context_lengths = [1 << k for k in range(10, 24)] + [10_000_000]
+    memory = kv_cache_memory(config, context_lengths, batch, bytes_per_value)
+    plan = config.replace(positions="irope").layer_plan()
+    num_global = sum(spec.chunk_size is None for spec in plan)
+    names = {
+        "all_global": f"all {config.num_layers} layers global",
+        "irope": f"iRoPE: {num_global} global + {config.num_layers - num_global} chunked "
+        f"(C={config.attention_chunk_size})",
+    }
+    fig = go.Figure()
+    for i, (key, name) in enumerate(names.items()):
+        fig.add_trace(
+            go.Scatter(
+                x=np.asarray(context_lengths),
+                y=np.asarray(memory[key], dtype=np.float64) / 1e9,
+                mode="lines+markers",
+                name=name,
+                line=dict(color=COLOURS[i]),
+                hovertemplate="%{x:,} tokens: %{y:.4g} GB<extra></extra>",
+            )
+        )
+    hline(fig, 80, "one H100: 80 GB", dash="dot")
+    fig.update_xaxes(type="log")
+    fig.update_yaxes(type="log")
+    return finish(
+        fig,
+        "KV cache memory against context length<br><sup>"
+        f"{config.num_kv_heads} KV heads × {config.head_dim}, K and V, {8 * bytes_per_value}-bit values, "
+        f"batch {batch}</sup>",
+        "context length (tokens, log scale)",
+        "KV cache (GB = 10⁹ bytes, log scale)",
+    )
