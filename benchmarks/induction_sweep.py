@@ -6,13 +6,13 @@ rows continued to 2^15, 2^16 and 2^17. Rows: MHA-RoPE (global), NoPE everywhere,
 iRoPE without temperature tuning; several seeds each.
 
 Each trained cell is written at once to ``benchmarks/results/induction/<row>-seed<N>.json`` and skipped
-when it is there, so the sweep can stop and continue, and two workers can share it
-(``--worker 0/2`` and ``--worker 1/2``). ``--summarise`` reads the cells and writes
-``benchmarks/results/induction_sweep.{json,md}``: mean and spread per row and length beside the published
-rows, with versions, machine and date::
+when it is there, so the sweep can stop and continue; workers started side by side share the cells
+(each claims its next cell with a ``.claimed`` file; delete those left by a killed worker).
+``--summarise`` reads the cells and writes ``benchmarks/results/induction_sweep.{json,md}``: mean and
+spread per row and length beside the published rows, with versions, machine and date::
 
-    OMP_NUM_THREADS=1 python benchmarks/induction_sweep.py --seeds 0,1,2 --worker 0/2 &
-    OMP_NUM_THREADS=1 python benchmarks/induction_sweep.py --seeds 0,1,2 --worker 1/2 &
+    OMP_NUM_THREADS=1 python benchmarks/induction_sweep.py --seeds 0,1,2 &
+    OMP_NUM_THREADS=1 python benchmarks/induction_sweep.py --seeds 0,1,2 &
     python benchmarks/induction_sweep.py --summarise
 """
 
@@ -46,15 +46,31 @@ LONG_LENGTHS = [2**15, 2**16, 2**17]  # past the paper's attention models: iRoPE
 
 def rows_at(length: int) -> int:
     """Test rows per length: 256 as in the paper up to 2^10, fewer where a CPU row costs seconds."""
-    return 256 if length <= 2**10 else 128 if length <= 2**11 else 64 if length <= 2**12 else 32
+    if length <= 2**10:
+        return 256
+    return {2**11: 128, 2**12: 64, 2**13: 32, 2**14: 32}.get(length, 16)
 
 
-def run_cells(seeds: list[int], worker: int, workers: int, steps: int) -> None:
+def cell_order(seeds: list[int]) -> list[tuple[int, str]]:
+    """Seed 0 of every row first (the table's first complete column), then RoPE and iRoPE (the rows the
+    claims rest on), then the rest: a sweep stopped early has the most useful cells."""
+    first = [(seeds[0], name) for name in ("rope", "irope", "chunked", "nope", "irope-no-temperature")]
+    main = [(seed, name) for seed in seeds[1:] for name in ("rope", "irope")]
+    rest = [(seed, name) for seed in seeds[1:] for name in ("chunked", "nope", "irope-no-temperature")]
+    return first + main + rest
+
+
+def run_cells(seeds: list[int], steps: int) -> None:
+    """Run every cell not yet written or claimed; several workers share the list through claim files."""
     CELLS.mkdir(parents=True, exist_ok=True)
-    todo = [(seed, name) for seed in seeds for name in ROWS]
-    for index, (seed, name) in enumerate(todo):
+    for seed, name in cell_order(seeds):
         path = CELLS / f"{name}-seed{seed}.json"
-        if index % workers != worker or path.exists():
+        claim = path.with_suffix(".claimed")
+        if path.exists():
+            continue
+        try:
+            claim.touch(exist_ok=False)  # atomic: one worker per cell
+        except FileExistsError:
             continue
         positions, tuned = ROWS[name]
         setup = InductionSetup(positions=positions, temperature_tuning=tuned, steps=steps, seed=seed)
@@ -65,9 +81,9 @@ def run_cells(seeds: list[int], worker: int, workers: int, steps: int) -> None:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1) + "\n")
         os.replace(tmp, path)
-        print(
-            f"{name} seed {seed}: " + ", ".join(f"{r['accuracy']:.0%}" for r in result["results"]), flush=True
-        )
+        claim.unlink()
+        accuracies = ", ".join(f"{r['accuracy']:.0%}" for r in result["results"])
+        print(f"{name} seed {seed} ({result['train_seconds']:.0f} s training): {accuracies}", flush=True)
 
 
 def machine() -> dict[str, str]:
@@ -173,15 +189,13 @@ def markdown(summary: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (0,1,2)")
-    parser.add_argument("--worker", default="0/1", help="this worker's share, i/n (0/1)")
     parser.add_argument("--steps", type=int, default=InductionSetup().steps)
     parser.add_argument("--summarise", action="store_true", help="write the summary from the cells")
     args = parser.parse_args(argv)
     if args.summarise:
         summarise()
         return 0
-    worker, workers = (int(part) for part in args.worker.split("/"))
-    run_cells([int(s) for s in args.seeds.split(",")], worker, workers, args.steps)
+    run_cells([int(s) for s in args.seeds.split(",")], args.steps)
     return 0
 
 

@@ -48,7 +48,14 @@ from l4lab.viz.kernels import (
     benchmark_rows,
     moe_tiles_figure,
 )
-from l4lab.viz.long_context import accuracy_vs_length_figure, kv_cache_figure, kv_cache_memory, needle_heatmap
+from l4lab.viz.long_context import (
+    accuracy_vs_length_figure,
+    kv_cache_figure,
+    kv_cache_memory,
+    needle_heatmap,
+    prefill_cost_figure,
+    table11_figure,
+)
 from l4lab.viz.models import loss_curves_figure, parameter_table
 from l4lab.viz.routing import (
     ROUTING_REFERENCES,
@@ -81,8 +88,10 @@ __all__ = [
     "moe_tiles_figure",
     "needle_heatmap",
     "parameter_table",
+    "prefill_cost_figure",
     "routing_stats_table",
     "specialisation_figure",
+    "table11_figure",
     "temperature_figure",
     "token_expert_figure",
 ]
