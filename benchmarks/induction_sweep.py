@@ -22,7 +22,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -30,6 +29,8 @@ from pathlib import Path
 import torch
 
 from l4lab.induction import PUBLISHED_LENGTHS, PUBLISHED_TABLE_11, InductionSetup, run_induction
+
+from machine import machine as cpu_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = ROOT / "benchmarks" / "results" / "induction"
@@ -87,11 +88,10 @@ def run_cells(seeds: list[int], steps: int) -> None:
 
 
 def machine() -> dict[str, str]:
+    """The date, CPU, cores, kernels and versions (benchmarks/machine.py), and the thread count."""
     return {
         "date": datetime.date.today().isoformat(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
+        **cpu_machine(),
         "threads": str(torch.get_num_threads()),
     }
 

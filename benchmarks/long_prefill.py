@@ -28,7 +28,6 @@ import argparse
 import datetime
 import json
 import math
-import platform
 import resource
 import subprocess
 import sys
@@ -38,6 +37,8 @@ from pathlib import Path
 import torch
 
 import l4lab
+
+from machine import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "long_prefill"
@@ -230,9 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "machine": {
             "date": datetime.date.today().isoformat(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine(),
+            **machine(),
             "threads": torch.get_num_threads(),
         },
         "runs": runs,

@@ -24,10 +24,12 @@ all.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -219,11 +221,30 @@ def run_induction(
     }
 
 
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def committed_results(name: str) -> dict[str, Any]:
+    """A benchmark's committed results, ``benchmarks/results/<name>.json`` of this repository.
+
+    ``"induction_sweep"`` (benchmarks/induction_sweep.py) and ``"long_prefill"``
+    (benchmarks/long_prefill.py); notebook 08 plots them.
+    """
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: it comes with a clone of the l4lab repository (python "
+            f"benchmarks/{name}.py writes it), not with the installed package"
+        )
+    return json.loads(path.read_text())
+
+
 __all__ = [
     "PUBLISHED_LENGTHS",
     "PUBLISHED_TABLE_11",
     "VOCAB",
     "InductionSetup",
+    "committed_results",
     "evaluate",
     "first_trigger",
     "held_out_rows",

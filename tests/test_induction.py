@@ -12,11 +12,13 @@ import torch
 
 import l4lab
 from l4lab import __main__ as cli
+from l4lab import viz
 from l4lab.induction import (
     PUBLISHED_LENGTHS,
     PUBLISHED_TABLE_11,
     VOCAB,
     InductionSetup,
+    committed_results,
     first_trigger,
     held_out_rows,
     induction_hits,
@@ -126,3 +128,53 @@ def test_command_line_errors_name_the_option(
         cli.main(["induction", "--out", str(tmp_path), "--quiet", *extra])
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "results.json").exists()
+
+
+def test_committed_results_name_what_is_missing() -> None:
+    with pytest.raises(FileNotFoundError, match=r"benchmarks/no_such_script\.py writes it"):
+        committed_results("no_such_script")
+
+
+SUMMARY = {
+    "published_lengths": PUBLISHED_LENGTHS,
+    "published": PUBLISHED_TABLE_11,
+    "rows": {
+        "irope": {
+            "label": "iRoPE",
+            "seeds": [0, 1],
+            "setup": {"train_length": 64},
+            "lengths": {
+                "64": {"mean": 99.0, "min": 98.0, "max": 100.0},
+                "4096": {"mean": 95.0, "min": 90.0, "max": 97.0},
+            },
+        }
+    },
+}
+
+
+def test_table11_figure_puts_both_at_multiples_of_their_training_length() -> None:
+    fig = viz.table11_figure(SUMMARY)
+    published = [t for t in fig.data if "Gu & Dao" in t.name]
+    assert [t.name for t in published] == [f"{n} (Gu & Dao)" for n in PUBLISHED_TABLE_11]
+    assert list(published[1].x) == [n / 256 for n in PUBLISHED_LENGTHS] and published[1].x[2] == 1.0
+    ours = fig.data[-1]
+    assert ours.name == "iRoPE (l4lab, 2 seeds)"
+    assert list(ours.x) == [1.0, 64.0] and list(ours.y) == [99.0, 95.0]
+    assert list(ours.error_y.array) == [1.0, 2.0] and list(ours.error_y.arrayminus) == [1.0, 5.0]
+    assert fig.layout.xaxis.type == "log"
+
+
+def test_prefill_cost_figure_leaves_out_the_last_layer() -> None:
+    run = {
+        "positions": "irope",
+        "length": 1024,
+        "layers": [
+            {"kind": "chunked", "seconds": 1.0},
+            {"kind": "global", "seconds": 3.0},
+            {"kind": "chunked", "seconds": 100.0},  # the last layer: one query per block
+        ],
+    }
+    summary = {"runs": [run, {**run, "length": 2048}], "exponents": {"irope, chunked layers": 1.02}}
+    fig = viz.prefill_cost_figure(summary)
+    assert [t.name for t in fig.data] == ["irope: chunked layer, slope 1.02", "irope: global layer"]
+    assert list(fig.data[0].y) == [1.0, 1.0] and list(fig.data[1].x) == [1024, 2048]

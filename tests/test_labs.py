@@ -476,6 +476,7 @@ def test_every_lab_has_an_exercise_and_a_solution_notebook():
         "lab2_router_moe.ipynb",
         "lab3_chunked_attention.ipynb",
         "lab4_routing_experiment.ipynb",
+        "lab5_irope_length.ipynb",
     ]
     for exercise in EXERCISES:
         assert (LAB_NOTEBOOKS / "solutions" / exercise.name).exists()
