@@ -158,6 +158,13 @@ def induction_hits(model: Llama4, tokens: Tensor, batch_tokens: int = 1 << 17) -
     return torch.cat(hits)
 
 
+def blind_spot_share(length: int, chunk: int) -> float:
+    """The share of induction rows of ``length`` whose answer opens a chunk: the first trigger is uniform
+    on ``0 .. length - 4``, and the answer at ``p + 1`` opens a chunk when ``(p + 1) % chunk == 0``."""
+    positions = torch.arange(0, length - 3)
+    return float(((positions + 1) % chunk == 0).double().mean())
+
+
 def held_out_rows(length: int, rows: int, seed: int) -> Tensor:
     """The test rows at ``length``: fresh, the same for every model of a seed (never training rows)."""
     return induction_heads(
@@ -244,6 +251,7 @@ __all__ = [
     "PUBLISHED_TABLE_11",
     "VOCAB",
     "InductionSetup",
+    "blind_spot_share",
     "committed_results",
     "evaluate",
     "first_trigger",

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from l4lab.data import induction_heads
+from l4lab.induction import blind_spot_share
 from l4lab.labs.core import (
     Case,
     Hints,
@@ -96,11 +97,6 @@ _EDGE_MISTAKES = (
 
 
 # ====================================================================== 5.2 the predicted share
-def _ref_blind_spot_share(length: int, chunk: int) -> float:
-    positions = torch.arange(0, length - 3)  # the first trigger is uniform on 0 .. length - 4
-    return float(((positions + 1) % chunk == 0).double().mean())
-
-
 def _cases_blind_spot_share() -> list[Case]:
     specs = [
         ("length 64, chunk 32", 64, 32),
@@ -110,7 +106,7 @@ def _cases_blind_spot_share() -> list[Case]:
         ("length 100, chunk 7 (7 does not divide 97)", 100, 7),
         ("length 16384, chunk 8192 (Scout's chunk)", 16384, 8192),
     ]
-    return [Case(label, (n, c), _ref_blind_spot_share(n, c)) for label, n, c in specs]
+    return [Case(label, (n, c), blind_spot_share(n, c)) for label, n, c in specs]
 
 
 _SHARE_MISTAKES = (
@@ -246,7 +242,8 @@ STEPS: tuple[Step, ...] = (
             "the blind spot is the share of its possible positions that put x on a chunk's first token.",
             formula="share = #{p in [0, length - 4] : (p + 1) mod C = 0} / (length - 3); about 1 / C for "
             "long rows, but not exactly.",
-            code="l4lab/data.py, induction_heads: where `position` is drawn.",
+            code="l4lab/data.py, induction_heads: where `position` is drawn (l4lab/induction.py has the "
+            "reference, blind_spot_share: look only after trying).",
         ),
     ),
     Step(
