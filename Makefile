@@ -57,11 +57,12 @@ browser:
 TRIPWIRE := ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE OMP_NUM_THREADS=1
 
 # every test (the book in a browser too), then every notebook re-executed on the tripwire's numeric path
-# and compared with its stored outputs (strict nbval), two notebooks at a time
+# and compared with its stored outputs (strict nbval), two notebooks at a time; the lab exercises raise
+# NotImplementedError by design and are stored without outputs (their solutions are compared)
 test: lint book browser
 	$(VENV)/bin/pytest -q tests
 	$(TRIPWIRE) $(VENV)/bin/pytest -q -n 2 --dist loadscope notebooks --nbval --nbval-current-env \
-		--nbval-sanitize-with notebooks/nbval_sanitize.cfg
+		--nbval-sanitize-with notebooks/nbval_sanitize.cfg --ignore-glob='notebooks/labs/lab*.ipynb'
 
 # re-execute every stored notebook in place (after a change to the code under them), then
 # `python benchmarks/claims_spread.py` if a claim or what it measures changed

@@ -8,10 +8,16 @@ what makes Llama 4's 10M-token context affordable on three layers out of four.
 
 from __future__ import annotations
 
+import time
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from l4lab.config import LayerSpec
+
+if TYPE_CHECKING:
+    from l4lab.model import Llama4
 
 
 class LayerCache:
@@ -71,3 +77,41 @@ class KVCache:
     def nbytes(self) -> int:
         """Bytes held by all layers' keys and values."""
         return sum(layer.nbytes() for layer in self.layers)
+
+
+@torch.no_grad()
+def time_per_token(
+    model: Llama4, tokens: Tensor, lengths: list[int], repeats: int = 5
+) -> dict[str, list[float]]:
+    """Seconds to produce the next token's logits at each context length, with and without a KV cache.
+
+    For each length ``n`` in ``lengths``: *uncached* is one forward pass over ``tokens[:, :n + 1]`` (what
+    a decoder without a cache runs at every step); *cached* is one forward pass of the single token
+    ``tokens[:, n]`` after a cache holding the first ``n`` tokens (what ``model.generate`` runs). Both
+    give the same last-position logits. Each time is the fastest of ``repeats`` runs, the least disturbed
+    by other work on the machine. ``tokens`` [1, T] needs ``T > max(lengths)``.
+    """
+    if tokens.dim() != 2 or tokens.shape[0] != 1:
+        raise ValueError(f"tokens must be one row [1, T], got shape {tuple(tokens.shape)}")
+    if not lengths or min(lengths) < 1 or max(lengths) >= tokens.shape[1]:
+        raise ValueError(
+            f"lengths must lie in 1..{tokens.shape[1] - 1} (tokens has {tokens.shape[1]}), got {lengths}"
+        )
+    was_training = model.training
+    model.eval()
+    times: dict[str, list[float]] = {"cached": [], "uncached": []}
+    for n in lengths:
+        best_cached = best_uncached = float("inf")
+        for _ in range(repeats):
+            cache = model.new_cache()
+            model(tokens[:, :n], cache=cache)  # the prompt: not timed
+            started = time.perf_counter()
+            model(tokens[:, n : n + 1], cache=cache)
+            best_cached = min(best_cached, time.perf_counter() - started)
+            started = time.perf_counter()
+            model(tokens[:, : n + 1])
+            best_uncached = min(best_uncached, time.perf_counter() - started)
+        times["cached"].append(best_cached)
+        times["uncached"].append(best_uncached)
+    model.train(was_training)
+    return times

@@ -1,4 +1,4 @@
-"""The configuration: every architectural number of a Llama 4 text model, and three toggles.
+"""The configuration: every architectural number of a Llama 4 model, and three toggles.
 
 A :class:`Config` holds what the published ``config.json`` of a Llama 4 checkpoint holds, under names
 that say what they mean, plus the three toggles that l4lab is built to compare:
@@ -15,6 +15,10 @@ that say what they mean, plus the three toggles that l4lab is built to compare:
 
 The toggles are resolved in ONE place, :meth:`Config.layer_plan`, into a :class:`LayerSpec` per layer;
 the model reads those specs and never looks at the toggles itself.
+
+A multimodal model (``l4lab.vision``) adds a :class:`VisionConfig` under ``Config.vision``: the image
+encoder, the adapter that turns its patches into tokens, and the placeholder token they replace. The
+toggles act on the text part only.
 """
 
 from __future__ import annotations
@@ -91,6 +95,110 @@ class LayerSpec:
     moe: bool
 
 
+@dataclass(frozen=True)
+class VisionConfig:
+    """Every architectural field of Llama 4's vision encoder and of the adapter into the text model.
+
+    Field names map onto transformers' ``Llama4VisionConfig`` (see ``l4lab.interop``). The defaults are
+    those of Scout and Maverick (one encoder for both): 336-pixel tiles cut into 14-pixel patches
+    (24 x 24 = 576 per tile), 34 pre-norm layers of width 1408, and a pixel shuffle that merges 2 x 2
+    neighbouring patches, so each tile becomes 144 tokens of the text model.
+    """
+
+    image_size: int = 336
+    patch_size: int = 14
+    num_channels: int = 3
+    hidden_size: int = 1408
+    num_layers: int = 34
+    num_heads: int = 16
+    # the encoder's MLP width; it must also be the width of a pixel-shuffled token, hidden_size / ratio^2
+    intermediate_size: int = 5632
+    # each side of the patch grid shrinks by this factor; the channels grow by its inverse squared
+    pixel_shuffle_ratio: float = 0.5
+    # the adapter MLP's width (transformers: projector_input_dim = projector_output_dim = vision_output_dim)
+    adapter_size: int = 4096
+    rope_theta: float = 10000.0
+    # the <|patch|> placeholder whose embeddings the image features replace (transformers: image_token_index)
+    image_token_id: int = 200092
+    # <|image_start|> and <|image_end|> around each image's tokens (transformers: boi/eoi_token_index)
+    image_start_token_id: int = 200080
+    image_end_token_id: int = 200081
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def shuffle_factor(self) -> int:
+        """How many patches per side one token merges: 2 for the ratio 0.5."""
+        return round(1 / self.pixel_shuffle_ratio)
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Text-model tokens per tile after the pixel shuffle: (336 / 14 / 2)^2 = 144 for Scout."""
+        return (self.patches_per_side // self.shuffle_factor) ** 2
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field whose value is impossible."""
+        for name in (
+            "image_size",
+            "patch_size",
+            "num_channels",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+            "adapter_size",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise _invalid(f"vision.{name}", value, "a positive integer")
+        for name in ("image_token_id", "image_start_token_id", "image_end_token_id"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise _invalid(f"vision.{name}", value, "a token id (a non-negative integer)")
+        if not _is_number(self.rope_theta) or not self.rope_theta > 0:
+            raise _invalid("vision.rope_theta", self.rope_theta, "a positive finite number")
+        if self.image_size % self.patch_size:
+            raise _invalid(
+                "vision.image_size", self.image_size, f"a multiple of patch_size ({self.patch_size})"
+            )
+        ratio = self.pixel_shuffle_ratio
+        if not _is_number(ratio) or not 0 < ratio <= 1 or abs(1 / ratio - round(1 / ratio)) > 1e-9:
+            raise _invalid(
+                "vision.pixel_shuffle_ratio", ratio, "1 / k for a positive integer k (Llama 4: 0.5)"
+            )
+        if self.patches_per_side % self.shuffle_factor:
+            raise _invalid(
+                "vision.image_size",
+                self.image_size,
+                f"a tile whose {self.patches_per_side} patches per side divide by the pixel shuffle's "
+                f"{self.shuffle_factor}",
+            )
+        if self.hidden_size % self.num_heads or self.head_dim % 4:
+            raise _invalid(
+                "vision.num_heads",
+                self.num_heads,
+                f"a divisor of hidden_size ({self.hidden_size}) leaving a head_dim divisible by 4 "
+                "(2D RoPE turns one half of the feature pairs by the column, the other half by the row)",
+            )
+        shuffled = self.hidden_size * self.shuffle_factor**2
+        if self.intermediate_size != shuffled:
+            raise _invalid(
+                "vision.intermediate_size",
+                self.intermediate_size,
+                f"hidden_size / pixel_shuffle_ratio^2 = {shuffled}: the adapter's first layer reads "
+                "pixel-shuffled tokens through a matrix of this width",
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass
 class Config:
     """Every architectural field of a Llama 4 text model, and the three toggles.
@@ -130,8 +238,16 @@ class Config:
     # token ids used by generation and tokenizers; not part of the architecture
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # the image encoder and adapter of a multimodal model (l4lab.vision); None for a text model
+    vision: VisionConfig | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.vision, dict):
+            known = [f.name for f in dataclasses.fields(VisionConfig)]
+            unknown = sorted(str(k) for k in set(self.vision) - set(known))
+            if unknown:
+                raise _invalid("vision", self.vision, f"None or a dict of {known}; unknown {unknown}")
+            self.vision = VisionConfig(**self.vision)
         if isinstance(self.rope_scaling, dict):
             known = [f.name for f in dataclasses.fields(RopeScaling)]
             unknown = sorted(str(k) for k in set(self.rope_scaling) - set(known))
@@ -200,6 +316,15 @@ class Config:
             integer = isinstance(value, int) and not isinstance(value, bool)
             if value is not None and not (integer and 0 <= value < self.vocab_size):
                 raise _invalid(name, value, f"None or a token id in [0, {self.vocab_size})")
+        if self.vision is not None:
+            if not isinstance(self.vision, VisionConfig):
+                raise _invalid("vision", self.vision, "None or a VisionConfig")
+            self.vision.validate()
+            for name in ("image_token_id", "image_start_token_id", "image_end_token_id"):
+                if getattr(self.vision, name) >= self.vocab_size:
+                    raise _invalid(
+                        f"vision.{name}", getattr(self.vision, name), f"a token id in [0, {self.vocab_size})"
+                    )
 
     # ------------------------------------------------------------------ the one place toggles resolve
     def layer_plan(self) -> list[LayerSpec]:
@@ -262,18 +387,21 @@ _LLAMA4_SHARED: dict[str, Any] = dict(
 )
 
 _PRESETS: dict[str, dict[str, Any]] = {
-    # Llama 4 Scout 17B-16E (text): MoE in every layer, QK norm, RoPE scaling, 10M context.
+    # Llama 4 Scout 17B-16E: MoE in every layer, QK norm, RoPE scaling, 10M context; vision encoder.
     "llama4-scout": dict(
         _LLAMA4_SHARED,
+        vision=VisionConfig(),
         num_experts=16,
         moe_layer_step=1,
         use_qk_norm=True,
         rope_scaling=RopeScaling(16.0, 1.0, 1.0, 8192),
         max_position_embeddings=10485760,
     ),
-    # Llama 4 Maverick 17B-128E (text): MoE every other layer, no QK norm, no RoPE scaling, 1M context.
+    # Llama 4 Maverick 17B-128E: MoE every other layer, no QK norm, no RoPE scaling, 1M context; the
+    # same vision encoder as Scout.
     "llama4-maverick": dict(
         _LLAMA4_SHARED,
+        vision=VisionConfig(),
         num_experts=128,
         moe_layer_step=2,
         use_qk_norm=False,
@@ -345,10 +473,11 @@ def preset(name: str, **overrides: Any) -> Config:
 def count_params(config: Config) -> tuple[int, int]:
     """(total, active) parameter counts, from the config alone (no model is built).
 
-    Active parameters are those one token passes through: the embedding and head tables in full, the
-    attention, and in a MoE layer the router, the shared expert and ``top_k`` routed experts.
-    Scout comes out at about 107.8B / 17.2B (the published 109B adds the vision encoder), Maverick at
-    about 400.7B / 17.2B.
+    Active parameters are those one TEXT token passes through: the embedding and head tables in full,
+    the attention, and in a MoE layer the router, the shared expert and ``top_k`` routed experts. The
+    total adds the vision encoder and adapter when the config has one (:func:`count_vision_params`).
+    Scout comes out at 108.6B / 17.2B (Meta: 109B / 17B; the text model alone is 107.8B), Maverick at
+    401.6B / 17.2B (Meta: 400B / 17B).
     """
     d = config.hidden_size
     attention = d * config.head_dim * (2 * config.num_heads + 2 * config.num_kv_heads)
@@ -366,14 +495,44 @@ def count_params(config: Config) -> tuple[int, int]:
         else:
             total += swiglu_dense
             active += swiglu_dense
+    if config.vision is not None:
+        total += count_vision_params(config.vision, d)
     return total, active
+
+
+def vision_parameters(vision: VisionConfig, text_hidden_size: int) -> dict[str, int]:
+    """Parameters of each part of the vision side, for a text model of width ``text_hidden_size``."""
+    d, inner = vision.hidden_size, vision.intermediate_size
+    layer = (
+        4 * (d * d + d) + (d * inner + inner) + (inner * d + d) + 2 * 2 * d
+    )  # attention, MLP, 2 LayerNorms
+    return {
+        "patch embedding, class token, positions": vision.num_channels * vision.patch_size**2 * d
+        + d
+        + (vision.patches_per_side**2 + 1) * d,
+        f"{vision.num_layers} encoder layers (+ LayerNorms before and after)": vision.num_layers * layer
+        + 2 * 2 * d,
+        "adapter MLP (two bias-free layers)": inner * vision.adapter_size + vision.adapter_size**2,
+        "projector into the text width": vision.adapter_size * text_hidden_size,
+    }
+
+
+def count_vision_params(vision: VisionConfig, text_hidden_size: int) -> int:
+    """Parameters of the vision encoder, its adapter and the projector into a text model of that width.
+
+    For Scout and Maverick: 0.87B, of which the 34 encoder layers hold 0.81B.
+    """
+    return sum(vision_parameters(vision, text_hidden_size).values())
 
 
 __all__ = [
     "Config",
     "LayerSpec",
     "RopeScaling",
+    "VisionConfig",
     "count_params",
+    "count_vision_params",
     "preset",
     "preset_names",
+    "vision_parameters",
 ]

@@ -17,6 +17,21 @@ l4lab ``Config``                      transformers ``Llama4TextConfig``
 ``rope_theta``, ``rope_scaling``      ``rope_parameters`` (or ``rope_theta`` + ``rope_scaling``)
 ====================================  ============================================================
 
+A multimodal model (``l4lab.vision.Llama4Multimodal``) maps onto ``Llama4ForConditionalGeneration``: its
+``vision_model.*`` and ``multi_modal_projector.*`` parameters have the checkpoint's names, its text model's
+are l4lab's under ``language_model.`` (``language_model.model.`` in the checkpoint). The vision fields:
+
+====================================  ============================================================
+l4lab ``VisionConfig``                transformers ``Llama4VisionConfig`` / ``Llama4Config``
+====================================  ============================================================
+``num_layers`` / ``num_heads``        ``num_hidden_layers`` / ``num_attention_heads``
+``adapter_size``                      ``projector_input_dim`` = ``projector_output_dim`` =
+                                      ``vision_output_dim``
+``rope_theta``                        ``rope_parameters`` (or ``rope_theta``)
+``image_token_id``                    ``image_token_index`` (top level)
+``image_start_token_id`` / ``_end_``  ``boi_token_index`` / ``eoi_token_index`` (top level)
+====================================  ============================================================
+
 Only safetensors are read: pickle files can run code when loaded.
 
 ``save_pretrained`` writes into a directory and replaces only the checkpoint's own files (config.json,
@@ -36,7 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from l4lab.config import Config, RopeScaling
+from l4lab.config import Config, RopeScaling, VisionConfig
 from l4lab.model import Llama4
 from l4lab.storage import (
     SafetensorsFile,
@@ -48,6 +63,7 @@ from l4lab.storage import (
     save_safetensors,
     sha256_text,
 )
+from l4lab.vision import Llama4Multimodal
 
 # prefixes under which published checkpoints store the text model's weights (multimodal ones first)
 _TEXT_PREFIXES = ("language_model.model.", "model.language_model.", "language_model.", "model.")
@@ -106,6 +122,44 @@ def to_transformers_config(config: Config, dtype: torch.dtype | None = None) -> 
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
         "l4lab": config.to_dict(),
+    }
+    if dtype is not None:
+        hf["dtype"] = str(dtype).removeprefix("torch.")
+    return hf
+
+
+def to_transformers_multimodal_config(config: Config, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """The ``config.json`` of a transformers ``Llama4ForConditionalGeneration`` with the same behaviour."""
+    vision = config.vision
+    if vision is None:
+        raise ValueError("config.vision is None: a text model's config is to_transformers_config(config)")
+    hf: dict[str, Any] = {
+        "architectures": ["Llama4ForConditionalGeneration"],
+        "model_type": "llama4",
+        "text_config": to_transformers_config(config, dtype),
+        "vision_config": {
+            "model_type": "llama4_vision_model",
+            "hidden_size": vision.hidden_size,
+            "hidden_act": "gelu",
+            "num_hidden_layers": vision.num_layers,
+            "num_attention_heads": vision.num_heads,
+            "num_channels": vision.num_channels,
+            "intermediate_size": vision.intermediate_size,
+            "vision_output_dim": vision.adapter_size,
+            "projector_input_dim": vision.adapter_size,
+            "projector_output_dim": vision.adapter_size,
+            "multi_modal_projector_bias": False,
+            "image_size": vision.image_size,
+            "patch_size": vision.patch_size,
+            "pixel_shuffle_ratio": vision.pixel_shuffle_ratio,
+            "norm_eps": 1e-5,
+            "rope_parameters": {"rope_type": "default", "rope_theta": vision.rope_theta},
+            "vision_feature_select_strategy": "default",
+        },
+        "image_token_index": vision.image_token_id,
+        "boi_token_index": vision.image_start_token_id,
+        "eoi_token_index": vision.image_end_token_id,
+        "tie_word_embeddings": False,
     }
     if dtype is not None:
         hf["dtype"] = str(dtype).removeprefix("torch.")
@@ -174,19 +228,83 @@ def _every_kth(num_layers: int, step: int) -> list[int]:
     return [i for i in range(num_layers) if (i + 1) % step == 0]
 
 
+def _side(hf: dict[str, Any], name: str) -> int:
+    """An image or patch size: an integer, or a [height, width] pair of equal integers."""
+    value = hf.get(name)
+    if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
+        value = value[0]
+    return _number({name: value}, name, int, minimum=1)
+
+
+def vision_config_from_transformers(hf: dict[str, Any] | Any) -> VisionConfig | None:
+    """The :class:`VisionConfig` of a transformers multimodal Llama 4 config (None: it has none)."""
+    if not isinstance(hf, dict):
+        hf = hf.to_dict()
+    vision = hf.get("vision_config")
+    if vision is None:
+        return None
+    if not isinstance(vision, dict):
+        vision = vision.to_dict()
+    for name, expected in (("hidden_act", "gelu"), ("multi_modal_projector_bias", False)):
+        if name in vision and vision[name] != expected:
+            raise ValueError(
+                f"config field vision_config.{name} = {vision[name]!r} is not supported: "
+                f"l4lab models {expected!r}"
+            )
+    widths = {
+        name: _number(vision, name, int, minimum=1)
+        for name in ("projector_input_dim", "projector_output_dim", "vision_output_dim")
+    }
+    if len(set(widths.values())) != 1:
+        raise ValueError(
+            f"config fields vision_config {widths} differ; l4lab models Llama 4's adapter, where all three "
+            "are one width (adapter_size)"
+        )
+    rope = vision.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"config field vision_config.rope_parameters = {rope!r} is not an object")
+    theta = _number(rope, "rope_theta", float, _number(vision, "rope_theta", float, 10000.0))
+    try:
+        return VisionConfig(
+            image_size=_side(vision, "image_size"),
+            patch_size=_side(vision, "patch_size"),
+            num_channels=_number(vision, "num_channels", int, 3),
+            hidden_size=_number(vision, "hidden_size", int),
+            num_layers=_number(vision, "num_hidden_layers", int),
+            num_heads=_number(vision, "num_attention_heads", int),
+            intermediate_size=_number(vision, "intermediate_size", int),
+            pixel_shuffle_ratio=_number(vision, "pixel_shuffle_ratio", float, 0.5),
+            adapter_size=widths["vision_output_dim"],
+            rope_theta=theta,
+            image_token_id=_number(hf, "image_token_index", int, 200092),
+            image_start_token_id=_number(hf, "boi_token_index", int, 200080),
+            image_end_token_id=_number(hf, "eoi_token_index", int, 200081),
+        )
+    except ValueError as error:
+        raise ValueError(f"config field vision_config: {error}") from None
+
+
 def config_from_transformers(hf: dict[str, Any] | Any) -> Config:
     """An l4lab :class:`Config` from a transformers Llama 4 config (object or ``config.json`` dict).
 
-    Accepts the text config or a multimodal config holding one under ``text_config``. Raises
-    ValueError naming the field when a field is missing or malformed, or when the checkpoint uses
-    something l4lab does not model.
+    Accepts the text config or a multimodal config holding one under ``text_config`` (and then its
+    ``vision_config`` too). Raises ValueError naming the field when a field is missing or malformed, or
+    when the checkpoint uses something l4lab does not model.
     """
     if not isinstance(hf, dict):
         hf = hf.to_dict()
+    vision = vision_config_from_transformers(hf)
     if "text_config" in hf:
         hf = hf["text_config"]
         if not isinstance(hf, dict):
             hf = hf.to_dict()
+    config = _text_config_from_transformers(hf)
+    if vision is not None:
+        config = config.replace(vision=vision)
+    return config
+
+
+def _text_config_from_transformers(hf: dict[str, Any]) -> Config:
     if hf.get("l4lab"):
         if not isinstance(hf["l4lab"], dict):
             raise ValueError(f"config field l4lab = {hf['l4lab']!r} is not an object of Config fields")
@@ -300,6 +418,29 @@ def checkpoint_key(name: str) -> str:
     return name if name == "lm_head.weight" else "model." + name
 
 
+def multimodal_checkpoint_key(name: str) -> str:
+    """The transformers ``Llama4ForConditionalGeneration`` key of a multimodal l4lab parameter name."""
+    text, found, rest = name.partition("language_model.")
+    if found and not text:
+        return "language_model." + checkpoint_key(rest)
+    return name
+
+
+def multimodal_key(key: str) -> str | None:
+    """The multimodal l4lab parameter name of a checkpoint key (vision keys keep their names)."""
+    if key.startswith(("model.vision_model.", "model.multi_modal_projector.")):
+        return key.removeprefix("model.")
+    if key.startswith(_VISION_PREFIXES):
+        return key
+    name = l4lab_key(key)
+    return None if name is None else "language_model." + name
+
+
+def _derived(name: str) -> bool:
+    """RoPE buffers of transformers' models: l4lab derives them from the config."""
+    return "rotary_emb." in name or "rotary_embedding." in name
+
+
 def l4lab_key(key: str) -> str | None:
     """The l4lab parameter name of a checkpoint key; None for vision weights, which l4lab skips."""
     if key.startswith(_VISION_PREFIXES):
@@ -322,6 +463,7 @@ class _WeightChecker:
     def __init__(self, model: nn.Module, source: str) -> None:
         self.expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
         self.source = source
+        self.key_of = multimodal_checkpoint_key if isinstance(model, Llama4Multimodal) else checkpoint_key
         self.seen: set[str] = set()
         self.unexpected: list[str] = []
         self.misshaped: list[str] = []
@@ -349,7 +491,7 @@ class _WeightChecker:
         return True
 
     def raise_if_wrong(self) -> None:
-        missing = sorted(checkpoint_key(n) for n in set(self.expected) - self.seen)
+        missing = sorted(self.key_of(n) for n in set(self.expected) - self.seen)
         problems = []
         if missing:
             problems.append(f"missing keys {brief_list(missing)}")
@@ -363,7 +505,7 @@ class _WeightChecker:
             raise ValueError(f"weights in {self.source} do not fit the model: " + "; ".join(problems))
 
 
-def _materialise_buffers(model: Llama4, device: str | torch.device) -> None:
+def _materialise_buffers(model: Llama4 | Llama4Multimodal, device: str | torch.device) -> None:
     """Buffers (the routers' selection biases) are not in checkpoints: they start at zero."""
     for module in model.modules():
         for name, buffer in module._buffers.items():
@@ -371,19 +513,27 @@ def _materialise_buffers(model: Llama4, device: str | torch.device) -> None:
                 module._buffers[name] = torch.zeros(buffer.shape, dtype=model.dtype, device=device)
 
 
-def from_transformers(hf_model: nn.Module) -> Llama4:
-    """An l4lab model with a copy of the weights of a transformers ``Llama4ForCausalLM``
-    (or of the text part of a ``Llama4ForConditionalGeneration``)."""
+def _new_model(config: Config, multimodal: bool) -> Llama4 | Llama4Multimodal:
+    """The model on the meta device (shapes only), ready to receive a checkpoint's tensors."""
+    with torch.device("meta"):
+        return Llama4Multimodal(config) if multimodal else Llama4(config)
+
+
+def from_transformers(hf_model: nn.Module, text_only: bool = False) -> Llama4 | Llama4Multimodal:
+    """An l4lab model with a copy of the weights of a transformers ``Llama4ForCausalLM`` (a
+    :class:`Llama4`) or ``Llama4ForConditionalGeneration`` (a :class:`~l4lab.vision.Llama4Multimodal`;
+    its text part alone with ``text_only``)."""
     config = config_from_transformers(hf_model.config)
+    multimodal = config.vision is not None and not text_only
     state = hf_model.state_dict()
     dtype = next(iter(state.values())).dtype
-    with torch.device("meta"):
-        model = Llama4(config)
+    model = _new_model(config, multimodal)
+    name_of = multimodal_key if multimodal else l4lab_key
     checker = _WeightChecker(model, type(hf_model).__name__)
     for key, tensor in state.items():
-        name = l4lab_key(key)
-        if name is not None and name.startswith("rotary_emb."):
-            continue  # transformers' RoPE buffers; l4lab derives them from the config
+        name = name_of(key)
+        if name is not None and _derived(name):
+            continue
         if checker.accept(key, name, tuple(tensor.shape)):
             _set_parameter(model, name, tensor.detach().clone())
     checker.raise_if_wrong()
@@ -394,8 +544,9 @@ def from_transformers(hf_model: nn.Module) -> Llama4:
 # ---------------------------------------------------------------------- checkpoint directories
 def _read_config(
     path: Path, config_file: Path, verify: bool, recorded: tuple[str, str] | None
-) -> tuple[Config, torch.dtype | None]:
-    """The Config in ``path``'s config.json and the dtype it declares; errors name the file.
+) -> tuple[Config, torch.dtype | None, bool]:
+    """The Config in ``path``'s config.json, the dtype it declares and whether it describes a multimodal
+    model (it has a ``vision_config``); errors name the file.
 
     ``recorded``: (the sha256 of config.json that l4lab recorded when saving, the file it is in)."""
     if (
@@ -421,7 +572,8 @@ def _read_config(
     if declared is None and isinstance(hf.get("text_config"), dict):
         declared = hf["text_config"].get("dtype", hf["text_config"].get("torch_dtype"))
     dtype = getattr(torch, declared, None) if isinstance(declared, str) else None
-    return config, dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+    floating = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+    return config, floating, hf.get("vision_config") is not None
 
 
 def _weight_files(path: Path) -> tuple[list[tuple[Path, set[str] | None]], dict[str, Any]]:
@@ -482,15 +634,21 @@ def _check_index_keys(shard: SafetensorsFile, keys: set[str] | None) -> None:
 
 
 def load_pretrained(
-    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str = "cpu", verify: bool = True
-) -> Llama4:
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: str = "cpu",
+    verify: bool = True,
+    text_only: bool = False,
+) -> Llama4 | Llama4Multimodal:
     """Load a local checkpoint directory (config.json + safetensors, one file or shards with an index).
 
-    The model is built on the meta device and each tensor is read straight into its place, so memory
-    peaks at the model plus one tensor, never two copies of the model. ``dtype`` converts the weights
-    (default: as stored, which must then be one floating-point dtype, the one config.json declares).
-    Vision weights of multimodal checkpoints are skipped. Checkpoints saved by l4lab carry checksums,
-    checked unless ``verify`` is False. Every error names the file and what is wrong with it.
+    A multimodal checkpoint (its config.json has a ``vision_config``) gives a
+    :class:`~l4lab.vision.Llama4Multimodal` with its vision encoder and projector, or with ``text_only``
+    a :class:`Llama4` of its text part (the vision weights are then not read). The model is built on the
+    meta device and each tensor is read straight into its place, so memory peaks at the model plus one
+    tensor, never two copies of the model. ``dtype`` converts the weights (default: as stored, which must
+    then be one floating-point dtype, the one config.json declares). Checkpoints saved by l4lab carry
+    checksums, checked unless ``verify`` is False. Every error names the file and what is wrong with it.
     """
     path = Path(path)
     if not path.is_dir():
@@ -505,11 +663,12 @@ def load_pretrained(
             recorded = (index_metadata.get(CONFIG_CHECKSUM_KEY), INDEX_NAME)
             if recorded[0] is None:
                 recorded = (first.metadata.get(CONFIG_CHECKSUM_KEY), first.path.name)
-        config, declared = _read_config(
+        config, declared, has_vision = _read_config(
             path, config_file, verify, recorded if isinstance(recorded[0], str) else None
         )
-        with torch.device("meta"):
-            model = Llama4(config)
+        multimodal = has_vision and not text_only
+        model = _new_model(config, multimodal)
+        name_of = multimodal_key if multimodal else l4lab_key
         checker = _WeightChecker(model, str(path))
         expected = dtype if dtype is not None else declared
         why = "" if dtype is not None or declared is None else f" ({CONFIG_NAME}'s dtype)"
@@ -517,8 +676,8 @@ def load_pretrained(
             with SafetensorsFile(shard_path, device, verify) as shard:
                 _check_index_keys(shard, keys)
                 for key in shard.keys():  # noqa: SIM118 (not a mapping)
-                    name = l4lab_key(key)
-                    if name is not None and name.startswith("rotary_emb."):
+                    name = name_of(key)
+                    if name is not None and _derived(name):
                         continue
                     if not checker.accept(key, name, shard.shape(key), f" in {shard_path.name}"):
                         continue
@@ -565,8 +724,11 @@ def _saved_weight_names(path: Path) -> set[str]:
     return names
 
 
-def save_pretrained(model: Llama4, path: str | os.PathLike, max_shard_bytes: int = 4 * 2**30) -> None:
-    """Write ``config.json`` and safetensors shards that transformers' ``Llama4ForCausalLM`` loads.
+def save_pretrained(
+    model: Llama4 | Llama4Multimodal, path: str | os.PathLike, max_shard_bytes: int = 4 * 2**30
+) -> None:
+    """Write ``config.json`` and safetensors shards that transformers' ``Llama4ForCausalLM`` loads (or
+    ``Llama4ForConditionalGeneration``, for a multimodal model).
 
     ``path`` is a directory (created if needed; a regular file there is refused). Only the checkpoint's
     own files are replaced: config.json, and model.safetensors or model.safetensors.index.json with its
@@ -585,9 +747,12 @@ def save_pretrained(model: Llama4, path: str | os.PathLike, max_shard_bytes: int
             "transformers' Llama 4 has no such bias, so the exported model would route differently. "
             "Save the training checkpoint instead (l4lab.train), or train with another balancing method"
         )
-    state = {checkpoint_key(n): p.detach().contiguous().cpu() for n, p in model.named_parameters()}
+    multimodal = isinstance(model, Llama4Multimodal)
+    key_of = multimodal_checkpoint_key if multimodal else checkpoint_key
+    state = {key_of(n): p.detach().contiguous().cpu() for n, p in model.named_parameters()}
     shards = _shards(state, max_shard_bytes)
-    config_text = json.dumps(to_transformers_config(model.config, model.dtype), indent=2) + "\n"
+    to_config = to_transformers_multimodal_config if multimodal else to_transformers_config
+    config_text = json.dumps(to_config(model.config, model.dtype), indent=2) + "\n"
     recorded = {CONFIG_CHECKSUM_KEY: sha256_text(config_text)}
 
     with replace_files(path) as staging:

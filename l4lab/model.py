@@ -397,9 +397,13 @@ class Llama4(nn.Module):
         input_ids: Tensor,
         cache: KVCache | None = None,
         return_attention: bool = False,
+        inputs_embeds: Tensor | None = None,
         last_only: bool = False,
     ) -> Llama4Output:
         """Logits for ``input_ids`` [B, T]; with a cache, the tokens continue what it holds.
+
+        ``inputs_embeds`` [B, T, D], when given, replaces the embeddings of ``input_ids``: a multimodal
+        model (``l4lab.vision``) passes the embeddings in which image features fill the placeholders.
 
         ``last_only``: the logits of the last token only [B, 1, vocab], all that predicting the next
         token needs. The last layer then computes one query row instead of T (its keys and values, and
@@ -408,7 +412,12 @@ class Llama4(nn.Module):
         position = cache.position if cache is not None else 0
         check_input_ids(input_ids, self.config, position, self.device)
         length = input_ids.shape[1]
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        expected = (*input_ids.shape, self.config.hidden_size)
+        if tuple(x.shape) != expected:
+            raise ValueError(
+                f"inputs_embeds must have shape {expected} (input_ids' and the width); got {tuple(x.shape)}"
+            )
 
         freqs_cis = None
         if any(layer.spec.uses_rope for layer in self.layers):
@@ -434,11 +443,16 @@ class Llama4(nn.Module):
     # ------------------------------------------------------------------ long prompts
     @torch.no_grad()
     def prefill(
-        self, input_ids: Tensor, cache: KVCache | None = None, block_size: int | None = None
+        self,
+        input_ids: Tensor,
+        cache: KVCache | None = None,
+        block_size: int | None = None,
+        inputs_embeds: Tensor | None = None,
     ) -> tuple[Tensor, KVCache]:
         """Read a long prompt [B, T] into a KV cache ``block_size`` tokens at a time (streaming prefill).
 
-        ``block_size`` defaults to ``l4lab.model.PREFILL_BLOCK`` (1024).
+        ``block_size`` defaults to ``l4lab.model.PREFILL_BLOCK`` (1024); ``inputs_embeds`` [B, T, D]
+        replaces the prompt's embeddings, as in ``forward``.
         Returns the logits of the prompt's last token [B, vocab] (equal to a full forward's last row)
         and the cache, ready for decoding. Only one block is in flight at a time, so activation memory is
         bounded by the block instead of growing with T: a chunked layer attends from the block to at
@@ -452,9 +466,10 @@ class Llama4(nn.Module):
         cache = self.new_cache() if cache is None else cache
         check_input_ids(input_ids, self.config, cache.position, self.device)
         blocks = input_ids.split(block_size, dim=1)
-        for block in blocks[:-1]:
-            self(block, cache=cache, last_only=True)
-        logits = self(blocks[-1], cache=cache, last_only=True).logits[:, -1]
+        embeds = [None] * len(blocks) if inputs_embeds is None else inputs_embeds.split(block_size, dim=1)
+        for block, embed in zip(blocks[:-1], embeds[:-1], strict=True):
+            self(block, cache=cache, inputs_embeds=embed, last_only=True)
+        logits = self(blocks[-1], cache=cache, inputs_embeds=embeds[-1], last_only=True).logits[:, -1]
         return logits, cache
 
     # ------------------------------------------------------------------ generation
@@ -467,13 +482,14 @@ class Llama4(nn.Module):
         top_p: float = 1.0,
         seed: int | None = None,
         eos_token_id: int | None = None,
+        inputs_embeds: Tensor | None = None,
     ) -> Tensor:
         """The prompt [B, T] followed by ``max_new_tokens`` new tokens, decoded with a KV cache.
 
         Greedy when ``temperature`` is 0; otherwise sampling from ``softmax(logits / temperature)``
         restricted to the smallest set of tokens whose probability reaches ``top_p``, reproducible with
         ``seed``. A sequence that emits ``eos_token_id`` keeps emitting it; generation stops early once
-        every sequence has.
+        every sequence has. ``inputs_embeds`` [B, T, D] replaces the prompt's embeddings (images merged in).
         """
         check_generation_arguments(self.config, max_new_tokens, temperature, top_p, seed, eos_token_id)
         check_input_ids(input_ids, self.config, 0, self.device)
@@ -490,7 +506,8 @@ class Llama4(nn.Module):
         tokens = [input_ids]
         if max_new_tokens == 0:
             return input_ids.clone()
-        logits, cache = self.prefill(input_ids)  # a long prompt goes through the cache block by block
+        # a long prompt goes through the cache block by block
+        logits, cache = self.prefill(input_ids, inputs_embeds=inputs_embeds)
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for step in range(max_new_tokens):
             next_token = sample_next_token(logits, temperature, top_p, generator)

@@ -245,12 +245,27 @@ class Trainer:
         ``metadata``: JSON-serialisable facts kept with the checkpoint (the command line records how
         to rebuild the run's data); :func:`checkpoint_state` reads them back under ``"metadata"``.
         """
+        self.write_checkpoint(path, *self.checkpoint_tensors(), metadata=metadata)
+
+    def checkpoint_tensors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(the model's state dict, the optimiser's moments by ``<parameter name>.<moment>``, flat)."""
         names = {id(p): n for n, p in self.model.named_parameters()}
         moments: dict[str, Tensor] = {}
         for group in self.optimizer.param_groups:
             for param in group["params"]:
                 for key, value in self.optimizer.state.get(param, {}).items():
                     moments[f"{names[id(param)]}.{key}"] = value.detach().reshape(-1).clone()
+        model_state = {n: t.detach().contiguous() for n, t in self.model.state_dict().items()}
+        return model_state, moments
+
+    def write_checkpoint(
+        self,
+        path: str | Path,
+        model_state: dict[str, Tensor],
+        moments: dict[str, Tensor],
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        """Write ``model_state``, ``moments`` and this trainer's state.json into ``path``, all at once."""
         state = {
             "format": CHECKPOINT_FORMAT,
             "model_config": self.model.config.to_dict(),
@@ -262,7 +277,6 @@ class Trainer:
         if metadata is not None:
             state["metadata"] = metadata
         state_text = json.dumps(state, indent=1) + "\n"
-        model_state = {n: t.detach().contiguous() for n, t in self.model.state_dict().items()}
         with replace_files(path) as staging:
             recorded = {STATE_CHECKSUM_KEY: sha256_text(state_text)}
             save_safetensors(model_state, staging.path("model.safetensors"), metadata=recorded)

@@ -280,6 +280,7 @@ def attention_view(
     positions: str = "irope",
     chunk_size: int | None = None,
     temperature_tuning: bool | None = None,
+    scale: str = "linear",
 ) -> go.Figure:
     """One head's attention map for ``tokens`` [1, T], with the model's weightless settings changed.
 
@@ -290,7 +291,8 @@ def attention_view(
 
     The map is ``viz.attention_map_figure`` of ``attentions[layer][0, head]``: row = query, column =
     key. Under iRoPE a chunked layer draws a staircase of triangles, one per chunk: a query never sees
-    the previous chunk, however close. A NoPE layer is one causal triangle.
+    the previous chunk, however close. A NoPE layer is one causal triangle. ``scale`` ("linear" or
+    "log") is the colour scale of ``viz.attention_map_figure``.
     """
     _check_tokens(tokens)
     config = model.config
@@ -308,7 +310,7 @@ def attention_view(
         spec = model.config.layer_plan()[layer]
     assert attentions is not None
     title = f"Layer {layer} ({viz.layer_label(spec)}), head {head}, positions={positions}"
-    return viz.attention_map_figure(attentions[layer][0, head], spec, title=title)
+    return viz.attention_map_figure(attentions[layer][0, head], spec, title=title, scale=scale)
 
 
 def chunk_size_choices(length: int, *extra: int) -> list[int]:

@@ -62,3 +62,57 @@ def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def hf_model(seed: int = 0, **overrides: Any) -> Any:
     model = transformers.Llama4ForCausalLM(hf_text_config(**overrides)).eval()
     return randomise(model, seed)
+
+
+# the <|patch|>, <|image_start|> and <|image_end|> ids of the tiny multimodal models (inside vocab 97)
+IMAGE_TOKEN_ID, IMAGE_START_ID, IMAGE_END_ID = 90, 91, 92
+
+
+def hf_multimodal(
+    seed: int = 0,
+    image_size: int = 28,
+    patch_size: int = 7,
+    hidden_size: int = 32,
+    heads: int = 4,
+    ratio: float = 0.5,
+    text: dict[str, Any] | None = None,
+) -> Any:
+    """A tiny ``Llama4ForConditionalGeneration``, every weight redrawn. Its encoder's MLP width is
+    ``hidden_size / ratio^2``, the width of a pixel-shuffled token (the class default 768 / 5632 is not)."""
+    vision = transformers.Llama4VisionConfig(
+        hidden_size=hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        intermediate_size=round(hidden_size / ratio**2),
+        image_size=image_size,
+        patch_size=patch_size,
+        pixel_shuffle_ratio=ratio,
+        projector_input_dim=48,
+        projector_output_dim=48,
+        vision_output_dim=48,
+    )
+    config = transformers.Llama4Config(
+        text_config=hf_text_config(**(text or {})).to_dict(),
+        vision_config=vision.to_dict(),
+        image_token_index=IMAGE_TOKEN_ID,
+        boi_token_index=IMAGE_START_ID,
+        eoi_token_index=IMAGE_END_ID,
+    )
+    for part in (config, config.text_config, config.vision_config):
+        part._attn_implementation = "eager"
+    return randomise(transformers.Llama4ForConditionalGeneration(config).eval(), seed)
+
+
+@torch.no_grad()
+def hf_multimodal_logits(
+    model: Any, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
+) -> torch.Tensor:
+    """transformers' multimodal logits built from its own parts: ``forward`` raises AttributeError
+    (``image_outputs``) in transformers 5.24."""
+    embeddings = model.get_input_embeddings()(input_ids)
+    if pixel_values is not None:
+        features = model.get_image_features(pixel_values=pixel_values, return_dict=True).last_hidden_state
+        flat = model.multi_modal_projector(features.view(-1, features.size(-1)))
+        mask = model.get_placeholder_mask(input_ids, inputs_embeds=embeddings, image_features=flat)
+        embeddings = embeddings.masked_scatter(mask, flat)
+    return model.language_model(inputs_embeds=embeddings).logits

@@ -27,7 +27,7 @@ BOOK = Path(__file__).resolve().parents[1] / "book"
 HTML = BOOK / "_build" / "html"
 SCREENSHOTS = BOOK / "_build" / "screenshots"
 
-# Pages that must show plotly figures: the chapters 00-04, 06 and lab 4's solution (patterns, so that a
+# Pages that must show plotly figures: the chapters 00-04, 06, 07 and lab 4's solution (patterns, so that a
 # chapter may be renamed). Any other page's figures are checked too, when it has some.
 MUST_HAVE_FIGURES = [
     "notebooks/00_*.html",
@@ -36,6 +36,7 @@ MUST_HAVE_FIGURES = [
     "notebooks/03_*.html",
     "notebooks/04_*.html",
     "notebooks/06_*.html",
+    "notebooks/07_*.html",
     "notebooks/labs/solutions/lab4_*.html",
 ]
 # Pages with typeset maths (MathJax served from _static/mathjax)
@@ -46,6 +47,7 @@ SCREENSHOT_PAGES = [
     ("notebooks/00_*.html", "00_tour", ".plotly-figure"),
     ("notebooks/00_*.html", "00_tour_explorer", ".explorer-note"),
     ("notebooks/04_*.html", "04_irope", ".plotly-figure"),
+    ("notebooks/07_*.html", "07_multimodal", ".plotly-figure"),
     ("notebooks/labs/solutions/lab4_*.html", "lab4_solution", ".plotly-figure"),
     ("teachers_guide.html", "teachers_guide", None),
     ("api/l4lab.model.html", "api_model", None),

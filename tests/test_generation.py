@@ -171,3 +171,34 @@ def test_prefill_rejects_a_bad_block_size(pair: tuple) -> None:
     _, ours = pair
     with pytest.raises(ValueError, match="block_size must be a positive integer"):
         ours.prefill(torch.zeros(1, 4, dtype=torch.long), block_size=0)
+
+
+def test_time_per_token_times_one_cached_step_and_one_full_forward_per_length() -> None:
+    from l4lab.cache import time_per_token
+
+    model = l4lab.Llama4(l4lab.preset("tiny", num_layers=2, attention_chunk_size=4)).train()
+    tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    calls = []
+
+    def record(module, args, kwargs):
+        cache = kwargs.get("cache")
+        calls.append((args[0].shape[1], None if cache is None else cache.position))
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        times = time_per_token(model, tokens, [3, 8], repeats=2)
+    finally:
+        handle.remove()
+    # per repeat: the prompt into an empty cache, one token after n cached, n + 1 tokens without a cache
+    assert calls == [call for n in (3, 8) for call in [(n, 0), (1, n), (n + 1, None)] * 2]
+    assert set(times) == {"cached", "uncached"} and all(len(v) == 2 and min(v) > 0 for v in times.values())
+    assert model.training  # the mode is restored
+
+
+@pytest.mark.parametrize(("shape", "lengths", "match"), [((2, 12), [3], "one row"), ((1, 12), [12], "1..11")])
+def test_time_per_token_rejects_bad_input(shape: tuple, lengths: list, match: str) -> None:
+    from l4lab.cache import time_per_token
+
+    model = l4lab.Llama4(l4lab.preset("tiny", num_layers=1))
+    with pytest.raises(ValueError, match=match):
+        time_per_token(model, torch.zeros(shape, dtype=torch.long), lengths)

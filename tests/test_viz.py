@@ -258,13 +258,13 @@ def test_parameter_table_cells() -> None:
     model, total, active, layers, hidden, experts, context = (list(c) for c in table.cells.values)
     assert model == ["Llama 4 Scout", "tiny"]
     tiny_total, tiny_active = l4lab.count_params(configs["tiny"])
-    assert total == ["107.8B", f"{tiny_total / 1e6:.4g}M"]  # 107,769,861,120
+    assert total == ["108.6B", f"{tiny_total / 1e6:.4g}M"]  # 108,641,793,536 with the vision encoder
     assert active == ["17.17B", f"{tiny_active / 1e6:.4g}M"]  # 17,172,894,720
     assert layers == ["48", "4"] and hidden == ["5,120", "128"]
     assert experts == ["16 routed + 1 shared, top-1", "dense"]
     assert context == ["10,485,760", "4,096"]
     maverick = viz.parameter_table({"m": l4lab.preset("llama4-maverick")}).data[0].cells.values
-    assert maverick[1][0] == "400.7B" and "1 of 2 layers" in maverick[5][0]
+    assert maverick[1][0] == "401.6B" and "1 of 2 layers" in maverick[5][0]
 
 
 def test_loss_curves_figure_skips_missing_validation() -> None:

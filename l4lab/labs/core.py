@@ -449,6 +449,14 @@ def check(step: str, fn: Callable[..., Any]) -> CheckResult:
         )
 
 
+def _more_hints(step: Step, mistake: Mistake | None) -> list[str]:
+    """Where the tiered hints are, when the hint shown is the step's general one."""
+    if step.hints is None or mistake is not None:
+        return []
+    more = f'labs.hint("{step.id}") gives the idea, labs.hint("{step.id}", 2) the formula, 3 the code to read'
+    return [f"  stuck? {more}"]
+
+
 def _check(step: Step, fn: Callable[..., Any]) -> CheckResult:
     cases = step.cases()
     total = len(cases)
@@ -472,6 +480,7 @@ def _check(step: Step, fn: Callable[..., Any]) -> CheckResult:
                 f"  your function raised {type(error).__name__}: {error}",
                 *([f"  {where}"] if where else []),
                 f"  hint: {step.hint}",
+                *_more_hints(step, None),
                 debug,
             ]
             return CheckResult(step.id, False, "\n".join(lines), number, number)
@@ -486,7 +495,7 @@ def _check(step: Step, fn: Callable[..., Any]) -> CheckResult:
                         break
                 except Exception:
                     continue
-            lines = [head, inputs, f"  {problem}", f"  hint: {hint}", debug]
+            lines = [head, inputs, f"  {problem}", f"  hint: {hint}", *_more_hints(step, mistake), debug]
             return CheckResult(step.id, False, "\n".join(lines), number, number)
         changed = _changed_inputs(step, current.args, passed)
         if changed:

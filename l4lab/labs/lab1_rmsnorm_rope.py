@@ -1,17 +1,21 @@
-"""Lab 1, RMSNorm and RoPE: the normalisation before every block, and the rotary position encoding of
-Llama 4's RoPE layers (``notebooks/labs/lab1_rmsnorm_rope.ipynb``).
+"""Lab 1, RMSNorm and RoPE: the normalisation before every block, the rotary position encoding of
+Llama 4's RoPE layers, Scout's frequency scaling for long contexts and the QK norm
+(``notebooks/labs/lab1_rmsnorm_rope.ipynb``).
 
-Steps: 1.1 ``rms_norm``, 1.2 ``rope_frequencies``, 1.3 ``apply_rope``; references in ``l4lab.ops`` and
-``l4lab.model``.
+Steps: 1.1 ``rms_norm``, 1.2 ``rope_frequencies``, 1.3 ``apply_rope``, 1.4 ``scaled_rope_frequencies``,
+1.5 ``qk_norm``; references in ``l4lab.ops`` and ``l4lab.model``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
 from l4lab import ops
-from l4lab.labs.core import Case, Mistake, Step, compare_tensor, generator, register_lab
+from l4lab.config import RopeScaling
+from l4lab.labs.core import Case, Hints, Mistake, Step, compare_tensor, generator, register_lab
 from l4lab.model import rope_angles, rope_inverse_frequencies
 
 
@@ -191,6 +195,169 @@ _ROPE_MISTAKES = (
 )
 
 
+# ====================================================================== Scout's RoPE scaling
+def _ref_scaled_rope_frequencies(
+    head_dim: int, theta: float, factor: float, low_freq_factor: float, high_freq_factor: float, context: int
+) -> Tensor:
+    return rope_inverse_frequencies(
+        head_dim, theta, RopeScaling(factor, low_freq_factor, high_freq_factor, context)
+    )
+
+
+def _cases_scaled_rope_frequencies() -> list[Case]:
+    specs = [
+        (
+            "Scout: head_dim 128, theta 500000, factor 16, low = high = 1, context 8192",
+            128,
+            5e5,
+            16.0,
+            1.0,
+            1.0,
+            8192,
+        ),
+        (
+            "a smooth band: head_dim 128, theta 500000, factor 8, low 1, high 4, 8192",
+            128,
+            5e5,
+            8.0,
+            1.0,
+            4.0,
+            8192,
+        ),
+        ("head_dim 64, theta 10000, factor 4, low 1, high 4, context 256", 64, 1e4, 4.0, 1.0, 4.0, 256),
+        ("factor 1: nothing changes", 32, 1e4, 1.0, 1.0, 2.0, 512),
+        (
+            "head_dim 10 (not a power of two), theta 100, factor 2, low 2, high 8, context 64",
+            10,
+            100.0,
+            2.0,
+            2.0,
+            8.0,
+            64,
+        ),
+        ("a short original context (16): most pairs stretched", 16, 1e4, 32.0, 1.0, 1.0, 16),
+    ]
+    return [Case(label, args, _ref_scaled_rope_frequencies(*args)) for label, *args in specs]
+
+
+def _scaled(
+    head_dim: int,
+    theta: float,
+    factor: float,
+    low: float,
+    high: float,
+    context: int,
+    *,
+    wavelength_of: float = 2 * math.pi,
+    stretch: str = "long",
+    smooth: bool = True,
+    divide: bool = True,
+) -> Tensor:
+    inv_freq = rope_inverse_frequencies(head_dim, theta)
+    wavelength = wavelength_of / inv_freq
+    scaled = inv_freq / factor if divide else inv_freq * factor
+    if stretch == "all":
+        return scaled
+    long_wave, short_wave = wavelength > context / low, wavelength < context / high
+    picked = long_wave if stretch == "long" else short_wave
+    out = torch.where(picked, scaled, inv_freq)
+    if smooth and high > low:
+        blend = (context / wavelength - low) / (high - low)
+        between = (1 - blend) * inv_freq / factor + blend * inv_freq
+        out = torch.where(~long_wave & ~short_wave, between, out)
+    return out
+
+
+_SCALED_ROPE_MISTAKES = (
+    Mistake(
+        "every pair stretched",
+        lambda *a: _scaled(*a, stretch="all"),
+        "only the SLOW pairs are stretched: those whose wavelength 2π / inv_freq_i is longer than "
+        "context / low_freq_factor. The fast pairs, which see word order, must keep their frequency.",
+    ),
+    Mistake(
+        "fast pairs stretched",
+        lambda *a: _scaled(*a, stretch="short"),
+        "you stretched the FAST pairs (short wavelengths); it is the slow ones, wavelength > "
+        "context / low_freq_factor, that would otherwise wrap around within a long context.",
+    ),
+    Mistake(
+        "frequency multiplied",
+        lambda *a: _scaled(*a, divide=False),
+        "stretching a wavelength by the factor DIVIDES the frequency: inv_freq_i / factor.",
+    ),
+    Mistake(
+        "wavelength without 2π",
+        lambda *a: _scaled(*a, wavelength_of=1.0),
+        "a pair turning by inv_freq_i radians per token comes back after 2π / inv_freq_i tokens: that is "
+        "its wavelength (not 1 / inv_freq_i).",
+    ),
+    Mistake(
+        "no interpolation",
+        lambda *a: _scaled(*a, smooth=False),
+        "between the two thresholds the frequency is interpolated: with s = (context / wavelength - low) "
+        "/ (high - low), (1 - s) * inv_freq / factor + s * inv_freq.",
+    ),
+)
+
+
+# ====================================================================== QK norm
+def _ref_qk_norm(x: Tensor, eps: float) -> Tensor:
+    return ops.rms_norm(x, None, eps)
+
+
+def _cases_qk_norm() -> list[Case]:
+    g = generator(105)
+    specs = [
+        ("batch 2, 5 positions, 4 heads, head_dim 8", (2, 5, 4, 8), 1e-5),
+        ("batch 1, 1 position, 1 head, head_dim 6", (1, 1, 1, 6), 1e-5),
+        ("heads of very different sizes (one head scaled by 100)", (1, 3, 3, 16), 1e-5),
+        ("small vectors (|x| ~ 0.001), where eps matters", (2, 2, 2, 4), 1e-5),
+        ("Llama 4's head_dim 128, 2 heads", (1, 4, 2, 128), 1e-5),
+        ("a large eps (0.1)", (1, 3, 5, 10), 0.1),
+    ]
+    cases = []
+    for label, shape, eps in specs:
+        x = torch.randn(shape, generator=g)
+        if "very different" in label:
+            x[:, :, 1] *= 100.0
+        if "small" in label:
+            x *= 1e-3
+        cases.append(Case(label, (x, eps), _ref_qk_norm(x, eps)))
+    return cases
+
+
+_QK_MISTAKES = (
+    Mistake(
+        "over every head at once",
+        lambda x, eps: ops.rms_norm(x.flatten(-2), None, eps).view_as(x),
+        "normalise each HEAD on its own, over head_dim (the last dimension): a head with large values "
+        "must not shrink the others.",
+    ),
+    Mistake(
+        "L2 norm",
+        lambda x, eps: x / (x.pow(2).sum(-1, keepdim=True) + eps).sqrt(),
+        "divide by the root MEAN square, not by the length: transformers calls this L2Norm, but it is "
+        "RMSNorm without a weight, so each head vector ends with length sqrt(head_dim), not 1.",
+    ),
+    Mistake(
+        "over the heads",
+        lambda x, eps: x / (x.pow(2).mean(-2, keepdim=True) + eps).sqrt(),
+        "normalise over head_dim, the LAST dimension of [B, T, H, D], not over the heads.",
+    ),
+    Mistake(
+        "eps outside the square root",
+        lambda x, eps: x / (x.pow(2).mean(-1, keepdim=True).sqrt() + eps),
+        "eps goes inside the square root, as in RMSNorm: x / sqrt(mean(x²) + eps).",
+    ),
+    Mistake(
+        "centred",
+        lambda x, eps: ops.rms_norm(x - x.mean(-1, keepdim=True), None, eps),
+        "no mean is subtracted: this is RMSNorm (without a weight), not LayerNorm.",
+    ),
+)
+
+
 # ====================================================================== the steps
 STEPS: tuple[Step, ...] = (
     Step(
@@ -201,7 +368,14 @@ STEPS: tuple[Step, ...] = (
         _cases_rms_norm,
         compare_tensor,
         _RMS_MISTAKES,
-        "y = x / sqrt(mean(x², over the last dim, keepdim) + eps) * weight; compute in float32.",
+        "each token's feature vector is divided by its root-mean-square, then multiplied by the gains.",
+        hints=Hints(
+            "Every token is rescaled on its own so that its features have a root-mean-square of 1; then a "
+            "learned gain per feature sets the scale back. Nothing is subtracted: the mean stays.",
+            "y = x / sqrt(mean over the last dimension of x² + eps) * weight, with the mean taken with "
+            "keepdim so that it broadcasts; compute in float32 and cast back before the weight.",
+            "l4lab/ops.py, rms_norm: three lines, and the model's RMSNorm class in l4lab/model.py uses it.",
+        ),
     ),
     Step(
         "1.2",
@@ -211,8 +385,14 @@ STEPS: tuple[Step, ...] = (
         _cases_rope_frequencies,
         lambda e, g: compare_tensor(e, g, "inv_freq", rtol=1e-5, atol=1e-9),
         _FREQ_MISTAKES,
-        "inv_freq[i] = theta ** (-2i / head_dim) for i = 0 .. head_dim/2 - 1: head_dim/2 values, "
-        "float32, starting at 1.0.",
+        "one frequency per feature PAIR (head_dim / 2 of them), falling geometrically from 1.0.",
+        hints=Hints(
+            "A head of D features is D / 2 pairs, each turning at its own speed: the first pair once per "
+            "token, each next one slower by the same ratio, the last about theta times slower.",
+            "inv_freq_i = theta ** (-2i / D) for i = 0, 1, ..., D/2 - 1; the even numbers 0, 2, ..., D - 2 "
+            "divided by D are the exponents.",
+            "l4lab/model.py, rope_inverse_frequencies (its first line; the rest is step 1.4).",
+        ),
     ),
     Step(
         "1.3",
@@ -222,8 +402,57 @@ STEPS: tuple[Step, ...] = (
         _cases_apply_rope,
         compare_tensor,
         _ROPE_MISTAKES,
-        "pair i of the features is (x[..., 2i], x[..., 2i+1]); rotate it by the angle positions[t] * "
-        "inv_freq[i] (one angle per position and pair, the same for every batch row and head).",
+        "each neighbouring feature pair (2i, 2i+1) is a point in the plane, turned by its own angle.",
+        hints=Hints(
+            "Read features (2i, 2i+1) as the coordinates of a point in the plane and turn it by an angle "
+            "that grows with the token's position, faster for the first pairs. The batch and the heads "
+            "share the angles.",
+            "angle[t, i] = positions[t] * inv_freq_i; new x_2i = x_2i cos - x_2i+1 sin, new x_2i+1 = "
+            "x_2i sin + x_2i+1 cos. x[..., 0::2] and x[..., 1::2] take the pairs apart; torch.stack(..., "
+            "-1).flatten(-2) puts them back interleaved.",
+            "l4lab/ops.py, apply_rope (it uses complex numbers: torch.view_as_complex), with rope_angles in "
+            "l4lab/model.py.",
+        ),
+    ),
+    Step(
+        "1.4",
+        "scaled_rope_frequencies",
+        ("head_dim", "theta", "factor", "low_freq_factor", "high_freq_factor", "original_context"),
+        "Scout's RoPE scaling (Llama 3.1's): slow pairs stretched by factor, fast ones kept, a band between",
+        _cases_scaled_rope_frequencies,
+        lambda e, g: compare_tensor(e, g, "inv_freq", rtol=1e-5, atol=1e-12),
+        _SCALED_ROPE_MISTAKES,
+        "sort the pairs by wavelength: the slow ones are stretched, the fast ones kept, the ones between "
+        "blended.",
+        hints=Hints(
+            "A pair whose wavelength (tokens per full turn) is longer than the original training context "
+            "never turned fully in training: stretch it by the factor so that it does not wrap around in a "
+            "longer context. Pairs that turn many times per context keep their speed; between two "
+            "thresholds the two are blended.",
+            "wavelength_i = 2π / inv_freq_i. Above original_context / low_freq_factor: inv_freq_i / factor. "
+            "Below original_context / high_freq_factor: inv_freq_i. Between: with s = (original_context / "
+            "wavelength_i - low) / (high - low), (1 - s) * inv_freq_i / factor + s * inv_freq_i.",
+            "l4lab/model.py, rope_inverse_frequencies with a RopeScaling (l4lab/config.py); Scout's values "
+            "are in l4lab.preset('llama4-scout').rope_scaling.",
+        ),
+    ),
+    Step(
+        "1.5",
+        "qk_norm",
+        ("x", "eps"),
+        "Llama 4's QK norm: every query or key head divided by its root-mean-square, no weight",
+        _cases_qk_norm,
+        compare_tensor,
+        _QK_MISTAKES,
+        "each head's vector (the last dimension) is normalised on its own, as RMSNorm without a gain.",
+        hints=Hints(
+            "On its RoPE layers Llama 4 rescales every query and key head vector to a fixed size, so that "
+            "no dot product grows without bound as training goes on. It is RMSNorm with no learned gain, "
+            "applied to each head separately.",
+            "For x [B, T, H, D]: x / sqrt(mean over D of x² + eps), the mean over the last dimension with "
+            "keepdim; no weight.",
+            "l4lab/ops.py, rope_qk_norm: after the rotation it calls rms_norm with weight None.",
+        ),
     ),
 )
 

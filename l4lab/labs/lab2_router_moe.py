@@ -26,6 +26,7 @@ from l4lab import ops
 from l4lab.config import preset
 from l4lab.labs.core import (
     Case,
+    Hints,
     Mistake,
     Step,
     as_tensor,
@@ -417,8 +418,15 @@ STEPS: tuple[Step, ...] = (
         _cases_route,
         _compare_route,
         _ROUTE_MISTAKES,
-        "logits = x @ router_weight.T [N, E]; take the top_k largest per token (torch.topk); "
-        "scores = sigmoid of those logits.",
+        "each token picks its k experts by their logits, and each chosen expert gets a score on its own.",
+        hints=Hints(
+            "The router gives each token one logit per expert. The token goes to the experts with the k "
+            "largest logits; each chosen expert's score is a number between 0 and 1 computed from its own "
+            "logit alone: no softmax, so the experts do not share one unit of weight.",
+            "logits = x W_r^T [N, E]; experts = the indices of the k largest logits per row (torch.topk); "
+            "scores = sigmoid(those k logits).",
+            "l4lab/model.py, Router.forward; the same in l4lab/ops.py, route.",
+        ),
     ),
     Step(
         "2.2",
@@ -428,8 +436,15 @@ STEPS: tuple[Step, ...] = (
         _cases_moe_forward,
         compare_tensor,
         _MOE_MISTAKES,
-        "out[n] = shared(x[n]) + sum over token n's chosen experts e of expert_e(score * x[n]), where "
-        "expert_e(z) = (silu(z @ W_gate) * (z @ W_up)) @ down[e] and gate_up[e] = [W_gate | W_up].",
+        "every token goes through the shared expert, and through its chosen experts with its input scaled.",
+        hints=Hints(
+            "Two paths are added: the shared expert, which every token goes through unscaled, and the "
+            "token's chosen routed experts, each fed the token multiplied by that expert's router score. "
+            "Every expert is a small SwiGLU.",
+            "out[n] = shared(x[n]) + sum over token n's experts e of E_e(s_e x[n]), with E_e(z) = "
+            "(silu(z W_gate) * (z W_up)) W_down, W_gate and W_up the two halves of gate_up[e]'s columns.",
+            "l4lab/model.py, MoE.forward (with Experts and SwiGLU above it).",
+        ),
     ),
     Step(
         "2.3",
@@ -439,8 +454,16 @@ STEPS: tuple[Step, ...] = (
         _cases_sparse_dispatch,
         compare_tensor,
         _DISPATCH_MISTAKES,
-        "out[n] = sum over j of expert_{experts[n, j]}(scores[n, j] * x[n]) (no shared expert here); "
-        "the tokens an expert gets may be none at all.",
+        "the same sum as 2.2 without the shared expert, with each expert multiplying only its own tokens.",
+        hints=Hints(
+            "Instead of asking every expert about every token, line the (token, expert) slots up by expert, "
+            "let each expert multiply the block of rows that chose it (maybe none), and send the results "
+            "back to their tokens.",
+            "order = argsort of experts.flatten(); slot s belongs to token s // k; rows = x[token] * score "
+            "in that order; counts = bincount(experts, minlength=E) cuts them per expert (split); results "
+            "go back with index_add_ on the token index.",
+            "l4lab/ops.py, routed_experts.",
+        ),
         extra=_check_sparse,
     ),
 )

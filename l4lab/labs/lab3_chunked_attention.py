@@ -1,9 +1,10 @@
 """Lab 3, chunked attention and the temperature: the chunked causal mask of Llama 4's RoPE layers, the
-query temperature of its NoPE layers, and grouped-query attention with both
-(``notebooks/labs/lab3_chunked_attention.ipynb``).
+query temperature of its NoPE layers, grouped-query attention with both, and the KV cache of a chunked
+layer, which drops every finished chunk (``notebooks/labs/lab3_chunked_attention.ipynb``).
 
-Steps: 3.1 ``chunked_causal_mask``, 3.2 ``temperature_scale``, 3.3 ``attention``; references in
-``l4lab.ops`` (``visibility_mask``, ``Temperature``, ``attention``).
+Steps: 3.1 ``chunked_causal_mask``, 3.2 ``temperature_scale``, 3.3 ``attention``, 3.4
+``chunked_cache_update``; references in ``l4lab.ops`` (``visibility_mask``, ``Temperature``,
+``attention``) and ``l4lab.cache.LayerCache``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 from torch import Tensor
 
 from l4lab import ops
-from l4lab.labs.core import Case, Mistake, Step, compare_tensor, generator, register_lab
+from l4lab.cache import LayerCache
+from l4lab.labs.core import Case, Hints, Mistake, Step, as_tensor, compare_tensor, generator, register_lab
 
 
 # ====================================================================== the chunked causal mask
@@ -264,6 +266,98 @@ _ATTENTION_MISTAKES = (
 )
 
 
+# ====================================================================== the chunked KV cache
+def _ref_chunked_cache_update(keys: Tensor, start: int, new_keys: Tensor, chunk: int) -> tuple[Tensor, int]:
+    """What a chunked layer's cache keeps after ``new_keys`` (positions start + S ...) are appended."""
+    cache = LayerCache(chunk)
+    if keys.shape[2] > 0:
+        cache.keys, cache.values, cache.start = keys, keys, start
+    cache.update(new_keys, new_keys, start + keys.shape[2])
+    assert cache.keys is not None
+    return cache.keys, cache.start
+
+
+def _cases_chunked_cache_update() -> list[Case]:
+    g = generator(304)
+    specs = [
+        ("empty cache, a prompt of 10 tokens, chunk 4", 0, 0, 10, 4),
+        ("empty cache, a prompt of exactly 8 tokens, chunk 4: both chunks finished", 0, 0, 8, 4),
+        ("2 keys at positions 8-9, one new token (10), chunk 4", 8, 2, 1, 4),
+        ("3 keys at 8-10, one new token (11): the chunk is finished", 8, 3, 1, 4),
+        ("empty cache at position 12, one new token, chunk 4", 12, 0, 1, 4),
+        ("5 keys at 16-20, 7 new tokens (21-27), chunk 8", 16, 5, 7, 8),
+        ("a prompt of 10 tokens, chunk 64: nothing is finished", 0, 0, 10, 64),
+        ("chunk 3 (odd): 1 key at 9, 5 new tokens (10-14)", 9, 1, 5, 3),
+    ]
+    cases = []
+    for label, start, cached, new, chunk in specs:
+        keys = torch.randn(1, 2, cached, 4, generator=g)
+        new_keys = torch.randn(1, 2, new, 4, generator=g)
+        args = (keys, start, new_keys, chunk)
+        cases.append(Case(label, args, _ref_chunked_cache_update(*args)))
+    return cases
+
+
+def _compare_cache(expected: Any, got: Any) -> str | None:
+    if got is None:
+        return "your function returned None (is a `return` missing?)"
+    if not isinstance(got, (tuple, list)) or len(got) != 2:
+        return f"expected a tuple (kept_keys, kept_start), got {type(got).__name__}"
+    want_keys, want_start = expected
+    kept, problem = as_tensor(got[0], "kept_keys")
+    if problem or kept is None:
+        return problem
+    if tuple(kept.shape) != tuple(want_keys.shape):
+        return (
+            f"kept_keys: expected shape {tuple(want_keys.shape)} ({want_keys.shape[2]} keys kept), got "
+            f"{tuple(kept.shape)} ({kept.shape[2] if kept.dim() == 4 else '?'} keys)"
+        )
+    try:
+        start = int(got[1])
+    except (TypeError, ValueError):
+        return f"kept_start: expected an int, got {type(got[1]).__name__}"
+    if start != want_start:
+        return f"kept_start: expected {want_start} (the position of the first kept key), got {start}"
+    return compare_tensor(want_keys, kept, "kept_keys")
+
+
+def _cache_variant(rule: str) -> Callable[..., tuple[Tensor, int]]:
+    def update(keys: Tensor, start: int, new_keys: Tensor, chunk: int) -> tuple[Tensor, int]:
+        every = torch.cat([keys, new_keys], dim=2)
+        end = start + every.shape[2]
+        if rule == "everything":
+            keep_from = start
+        elif rule == "window":
+            keep_from = max(start, end - chunk)
+        else:  # the last full chunk
+            keep_from = max(start, (end - 1) // chunk * chunk)
+        return every[:, :, keep_from - start :], keep_from
+
+    return update
+
+
+_CACHE_MISTAKES = (
+    Mistake(
+        "everything kept",
+        _cache_variant("everything"),
+        "a chunked layer drops the keys of every FINISHED chunk: no later query can see them, so keeping "
+        "them only costs memory (a global layer keeps everything).",
+    ),
+    Mistake(
+        "finished chunk kept at the boundary",
+        _cache_variant("last full chunk"),
+        "when the new tokens end exactly on a chunk boundary, that chunk is finished: the next token "
+        "starts a new chunk, so nothing is kept: keep from the start of the chunk the NEXT token falls in.",
+    ),
+    Mistake(
+        "sliding window",
+        _cache_variant("window"),
+        "keep the current chunk, not the last `chunk` keys: chunks are fixed blocks, and the next query "
+        "sees only its own block (from the last multiple of chunk up to itself).",
+    ),
+)
+
+
 # ====================================================================== the steps
 STEPS: tuple[Step, ...] = (
     Step(
@@ -274,7 +368,16 @@ STEPS: tuple[Step, ...] = (
         _cases_chunked_causal_mask,
         lambda e, g: compare_tensor(e, g, "mask"),
         _MASK_MISTAKES,
-        "mask[i, j] = (j <= i) and (j // chunk == i // chunk): causal, and in the same fixed block.",
+        "a query sees a key when two conditions hold together: one about order, one about blocks.",
+        hints=Hints(
+            "Cut the sequence into fixed blocks of `chunk` tokens (0..C-1, C..2C-1, ...). A query sees a "
+            "key when the key is not in its future AND both sit in the same block: the first token of a "
+            "block sees only itself, however many tokens came before.",
+            "Two conditions on query i and key j, both true: j <= i, and the block number of j equals the "
+            "block number of i (a position's block number is its integer division by the chunk). "
+            "torch.arange(T)[:, None] and [None, :] give every (i, j) pair by broadcasting.",
+            "l4lab/ops.py, visibility_mask (it also handles queries that start after a KV cache).",
+        ),
     ),
     Step(
         "3.2",
@@ -284,7 +387,15 @@ STEPS: tuple[Step, ...] = (
         _cases_temperature_scale,
         lambda e, g: compare_tensor(e, g, "scale", rtol=1e-5, atol=1e-6),
         _TEMPERATURE_MISTAKES,
-        "scale[t] = log(floor((positions[t] + 1) / floor_scale) + 1) * attn_scale + 1, as float32.",
+        "the scale is 1 for the first positions, then grows in steps with the logarithm of the position.",
+        hints=Hints(
+            "The further a query sits in a long context, the more keys compete for its attention; Llama "
+            "4's NoPE layers make such queries larger, by a factor that grows like the logarithm of the "
+            "absolute position, in steps of floor_scale positions.",
+            "scale = ln(floor((p + 1) / floor_scale) + 1) * attn_scale + 1 for each absolute position p; "
+            "torch.floor and torch.log1p, in float32.",
+            "l4lab/ops.py, Temperature.scales (the NoPE layers call it on their queries).",
+        ),
     ),
     Step(
         "3.3",
@@ -294,8 +405,36 @@ STEPS: tuple[Step, ...] = (
         _cases_attention,
         compare_tensor,
         _ATTENTION_MISTAKES,
-        "scale q by the temperature (if given), repeat each kv head H/Hkv times (repeat_interleave), "
-        "softmax(q k^T / sqrt(D)) with invisible keys at -inf, then multiply by v.",
+        "scaled dot-product attention, with the kv heads shared by groups of query heads and your mask.",
+        hints=Hints(
+            "Each query head is paired with one key/value head (neighbouring query heads share one); every "
+            "query scores every key it may see, the scores become weights by a softmax, and the output is "
+            "the weighted average of the values. The temperature, when given, scales the queries first.",
+            "o = softmax((tau * q) k^T / sqrt(D) + M) v, with M = 0 where the key is visible and -inf "
+            "elsewhere; kv head h // (H / Hkv) serves query head h (repeat_interleave on the head "
+            "dimension).",
+            "l4lab/ops.py, attention (from `if temperature` to the softmax; it uses your mask's twin, "
+            "visibility_mask).",
+        ),
+    ),
+    Step(
+        "3.4",
+        "chunked_cache_update",
+        ("keys", "start", "new_keys", "chunk"),
+        "a chunked layer's KV cache: append the new keys, then drop every finished chunk",
+        _cases_chunked_cache_update,
+        _compare_cache,
+        _CACHE_MISTAKES,
+        "after the new keys, keep only what a later query can still see on a chunked layer.",
+        hints=Hints(
+            "On a chunked layer the next query sees only keys of its own chunk. So once the new keys are "
+            "appended, every chunk that is finished can go: the cache never holds more than one chunk, "
+            "which is what makes a 10M-token context affordable on three layers in four.",
+            "The keys cover positions start, start + 1, ..., end - 1 (end = start + old + new). The next "
+            "token sits at end, in the chunk that begins at floor(end / chunk) * chunk: keep the keys from "
+            "there on (none when end is a multiple of chunk) and return that position as kept_start.",
+            "l4lab/cache.py, LayerCache.update (the chunk_size branch).",
+        ),
     ),
 )
 

@@ -17,7 +17,7 @@ from torch import Tensor
 from l4lab import routing
 from l4lab.config import preset
 from l4lab.data import TokenDataset, mixture
-from l4lab.labs.core import Case, Mistake, Step, compare_float, compare_floats, generator, register_lab
+from l4lab.labs.core import Case, Hints, Mistake, Step, compare_float, compare_floats, generator, register_lab
 from l4lab.model import RoutingRecord
 
 
@@ -171,8 +171,14 @@ STEPS: tuple[Step, ...] = (
         _cases_same_expert_rate,
         lambda e, g: compare_float(e, g, "rate"),
         _RATE_MISTAKES,
-        "the fraction of pairs (t, t + 1) inside each sequence with experts[b, t] == experts[b, t + 1], "
-        "over all B * (T - 1) pairs.",
+        "count the neighbouring pairs of tokens, inside each sequence, that went to the same expert.",
+        hints=Hints(
+            "Look at each pair of neighbouring tokens within a sequence (never across two sequences) and "
+            "ask whether the router sent both to the same expert; the rate is the share of such pairs.",
+            "rate = (number of (b, t) with experts[b, t] == experts[b, t + 1]) / (B * (T - 1)); "
+            "experts[:, 1:] and experts[:, :-1] line the pairs up.",
+            "l4lab/routing.py, same_expert_rate.",
+        ),
     ),
     Step(
         "4.2",
@@ -182,8 +188,15 @@ STEPS: tuple[Step, ...] = (
         _cases_load_stats,
         compare_floats(("entropy", "max_violation")),
         _LOAD_MISTAKES,
-        "load_i = (slots routed to expert i) / (all slots); entropy = -sum_i load_i ln load_i "
-        "(0 ln 0 = 0); MaxVio = (max_i load_i - mean load) / mean load.",
+        "first the load (each expert's share of the routed slots), then two numbers that summarise it.",
+        hints=Hints(
+            "The load is the share of all routed slots each expert received (every expert counts, also "
+            "one that got nothing). Entropy is high when the shares are even; MaxVio says how much busier "
+            "the busiest expert is than the average, relative to the average.",
+            "load_i = slots of expert i / all slots (torch.bincount with minlength); entropy = "
+            "-sum_i load_i ln load_i, with 0 ln 0 = 0; MaxVio = (max_i load_i - mean load) / mean load.",
+            "l4lab/routing.py, expert_load, load_entropy and max_violation.",
+        ),
         output_hints=(
             (
                 _has_nan,

@@ -10,27 +10,37 @@ give the same JSON) and share one template, so they look alike side by side.
 routing                            :func:`expert_load_figure`, :func:`token_expert_figure`,
                                    :func:`specialisation_figure`, :func:`routing_stats_table`
 attention                          :func:`attention_map_figure`, :func:`attention_distance_figure`
-                                   (numbers: :func:`attention_mass_by_distance`),
+                                   (numbers: :func:`attention_mass_by_distance`,
+                                   :func:`attention_row_entropy`),
                                    :func:`temperature_figure`
 long context                       :func:`accuracy_vs_length_figure`, :func:`needle_heatmap`,
                                    :func:`kv_cache_figure` (numbers: :func:`kv_cache_memory`)
 models and training                :func:`parameter_table`, :func:`loss_curves_figure`
+experiments                        :func:`seed_spread_figure` (numbers: :func:`seed_statistics`),
+                                   :func:`decode_time_figure`
+architecture                       :func:`layer_stack_figure`, :func:`decoder_layer_figure`,
+                                   :func:`moe_block_figure` (all drawn from ``layer_plan()``)
 kernels                            :func:`attention_tiles_figure`, :func:`moe_tiles_figure`,
                                    :func:`benchmark_figure` (numbers: :func:`benchmark_rows`)
+multimodal                         :func:`tiles_figure`, :func:`patches_figure`, :func:`parameters_figure`
+                                   (numbers: :func:`parameter_parts`; text: :func:`layout_summary`)
 =================================  ==================================================================
 
-One module per topic: ``common`` (template, colours, layout helpers), ``routing``, ``attention``,
-``long_context``, ``models`` (parameters and training) and ``kernels``; everything public is re-exported
-here, so ``viz.expert_load_figure`` is ``viz.routing.expert_load_figure``. A new figure goes into the
-module of its topic (or a new module) and gets a line below.
+Modules: ``common`` (template, colours, layout helpers), ``routing``, ``attention``,
+``long_context``, ``models`` (parameters and training), ``experiments`` (seeds, timings),
+``architecture``, ``kernels``, ``multimodal``: one module per topic of the table above. Everything
+public is re-exported here, so ``viz.expert_load_figure`` is ``viz.routing.expert_load_figure``. A new
+figure goes into the module of its topic (or a new module) and gets a line in the table.
 """
 
 from __future__ import annotations
 
+from l4lab.viz.architecture import KIND_COLOURS, decoder_layer_figure, layer_stack_figure, moe_block_figure
 from l4lab.viz.attention import (
     attention_distance_figure,
     attention_map_figure,
     attention_mass_by_distance,
+    attention_row_entropy,
     temperature_figure,
 )
 from l4lab.viz.common import (
@@ -40,6 +50,7 @@ from l4lab.viz.common import (
     expert_colours,
     layer_label,
 )
+from l4lab.viz.experiments import decode_time_figure, seed_spread_figure, seed_statistics
 from l4lab.viz.kernels import (
     TILE_COLOURS,
     TILE_KINDS,
@@ -57,6 +68,14 @@ from l4lab.viz.long_context import (
     table11_figure,
 )
 from l4lab.viz.models import loss_curves_figure, parameter_table
+from l4lab.viz.multimodal import (
+    layout_summary,
+    parameter_parts,
+    parameters_figure,
+    patches_figure,
+    tile_pictures,
+    tiles_figure,
+)
 from l4lab.viz.routing import (
     ROUTING_REFERENCES,
     expert_load_figure,
@@ -68,6 +87,7 @@ from l4lab.viz.routing import (
 __all__ = [
     "COLOURS",
     "FONT",
+    "KIND_COLOURS",
     "ROUTING_REFERENCES",
     "TEMPLATE",
     "TILE_COLOURS",
@@ -76,22 +96,35 @@ __all__ = [
     "attention_distance_figure",
     "attention_map_figure",
     "attention_mass_by_distance",
+    "attention_row_entropy",
     "attention_tiles_figure",
     "benchmark_figure",
     "benchmark_rows",
+    "decode_time_figure",
+    "decoder_layer_figure",
     "expert_colours",
     "expert_load_figure",
     "kv_cache_figure",
     "kv_cache_memory",
     "layer_label",
+    "layer_stack_figure",
+    "layout_summary",
     "loss_curves_figure",
+    "moe_block_figure",
     "moe_tiles_figure",
     "needle_heatmap",
+    "parameter_parts",
     "parameter_table",
+    "parameters_figure",
+    "patches_figure",
     "prefill_cost_figure",
     "routing_stats_table",
+    "seed_spread_figure",
+    "seed_statistics",
     "specialisation_figure",
     "table11_figure",
     "temperature_figure",
+    "tile_pictures",
+    "tiles_figure",
     "token_expert_figure",
 ]

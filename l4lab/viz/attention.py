@@ -21,30 +21,52 @@ from l4lab.viz.common import (
     vline,
 )
 
+LOG_FLOOR = 1e-4  # the smallest probability a log-scaled attention map tells apart
 
-def attention_map_figure(probs: Tensor, spec: LayerSpec, title: str | None = None) -> go.Figure:
+
+def attention_map_figure(
+    probs: Tensor, spec: LayerSpec, title: str | None = None, scale: str = "linear"
+) -> go.Figure:
     """One head's attention probabilities [Tq, Tk] as a heatmap: row = query, column = key.
 
     Take it from ``out.attentions[layer][batch, head]`` of a full forward (positions from 0; when
     Tq < Tk the queries are taken to be the last Tq positions). On chunked (RoPE) layers dotted lines
     mark the chunk boundaries: every query sees only keys of its own block, so the map is a staircase of
     triangles. On global (NoPE) layers it is one causal triangle.
+
+    ``scale="linear"`` colours the probability itself: a few large weights dominate and a head that
+    spreads its attention looks empty. ``scale="log"`` colours log10 of the probability from
+    log10(:data:`LOG_FLOOR`) = -4 to 0, so small and spread-out weights show; keys a query cannot see
+    (probability exactly 0) stay blank. Hovering shows the probability either way.
     """
     if probs.dim() != 2:
         raise ValueError(f"probs must be [queries, keys] (one head), got shape {tuple(probs.shape)}")
-    z = to_numpy(probs)
-    num_queries, num_keys = z.shape
+    if scale not in ("linear", "log"):
+        raise ValueError(f"scale must be 'linear' or 'log', got {scale!r}")
+    p = to_numpy(probs)
+    num_queries, num_keys = p.shape
     offset = num_keys - num_queries
     queries = np.arange(offset, num_keys)
+    if scale == "log":
+        z = np.where(p > 0, np.log10(np.maximum(p, LOG_FLOOR)), np.nan)
+        colour = dict(zmin=math.log10(LOG_FLOOR), zmax=0.0)
+        colorbar = dict(
+            title=dict(text="probability (log)"),
+            tickvals=list(range(round(math.log10(LOG_FLOOR)), 1)),
+            ticktext=[f"1e{k}" if k else "1" for k in range(round(math.log10(LOG_FLOOR)), 1)],
+        )
+    else:
+        z, colour, colorbar = p, dict(zmin=0.0), dict(title=dict(text="probability"))
     fig = go.Figure(
         go.Heatmap(
             z=z,
+            customdata=p,
             x=np.arange(num_keys),
             y=queries,
             colorscale="Viridis",
-            zmin=0.0,
-            colorbar=dict(title=dict(text="probability")),
-            hovertemplate="query %{y} → key %{x}: %{z:.3f}<extra></extra>",
+            colorbar=colorbar,
+            hovertemplate="query %{y} → key %{x}: %{customdata:.3g}<extra></extra>",
+            **colour,
         )
     )
     if spec.chunk_size is not None:
@@ -158,3 +180,21 @@ def temperature_figure(
         "query scale factor",
         showlegend=False,
     )
+
+
+def attention_row_entropy(probs: Tensor, spec: LayerSpec) -> tuple[Tensor, Tensor]:
+    """Each query's attention entropy (nats) and the entropy of uniform attention over what it may see.
+
+    ``probs`` [..., T, T] from a full forward (queries and keys at positions 0..T-1) of a layer with
+    ``spec``. Returns ``(entropy, uniform)``, both [..., T]: ``entropy[i] = -sum_j a_ij ln a_ij`` and
+    ``uniform[i] = ln n_i``, with n_i the keys query i may see (i + 1 on a global causal layer, its
+    position within the chunk + 1 on a chunked one). A ratio near 1 is a head that spreads its attention
+    evenly; near 0, one that looks at a single key.
+    """
+    if probs.dim() < 2 or probs.shape[-1] != probs.shape[-2]:
+        raise ValueError(f"probs must be [..., T, T] from a full forward, got shape {tuple(probs.shape)}")
+    p = probs.double()
+    entropy = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
+    position = torch.arange(p.shape[-1], dtype=torch.float64)
+    visible = position + 1 if spec.chunk_size is None else position % spec.chunk_size + 1
+    return entropy, visible.log().expand_as(entropy)

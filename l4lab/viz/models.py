@@ -18,8 +18,8 @@ from l4lab.viz.common import (
 def parameter_table(configs: Mapping[str, Config]) -> go.Figure:
     """Total and active parameters, layers, width, experts and context of several models, as a table.
 
-    Counts come from ``l4lab.count_params`` (text model only: Scout's published 109B includes its
-    vision encoder). Active parameters are those one token passes through.
+    Counts come from ``l4lab.count_params``: the total includes the vision encoder of a config that has
+    one (Scout, Maverick). Active parameters are those one text token passes through.
     """
     columns: list[list[str]] = [[] for _ in range(7)]
     for name, config in configs.items():

@@ -1,0 +1,80 @@
+"""Notebook 07's figures: pictures stored as PNG that decode to the same pixels, the tile and patch grids
+drawn where they belong, the layout summary, and the parameter parts adding up to count_params."""
+
+from __future__ import annotations
+
+import base64
+import struct
+import zlib
+
+import numpy as np
+
+import l4lab
+from l4lab import viz
+from l4lab.images import image_prompt, pattern_image
+from l4lab.viz.multimodal import png_data_url
+
+
+def decode_png(url: str) -> np.ndarray:
+    """An 8-bit RGB PNG without interlacing, decoded by hand: chunks, zlib, one filter byte per row."""
+    data = base64.b64decode(url.removeprefix("data:image/png;base64,"))
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    position, chunks = 8, {}
+    while position < len(data):
+        (length,) = struct.unpack(">I", data[position : position + 4])
+        kind, body = data[position + 4 : position + 8], data[position + 8 : position + 8 + length]
+        assert struct.unpack(">I", data[position + 8 + length : position + 12 + length])[0] == zlib.crc32(
+            kind + body
+        )
+        chunks[kind] = body
+        position += 12 + length
+    width, height, depth, colour, *_ = struct.unpack(">IIBBBBB", chunks[b"IHDR"])
+    assert (depth, colour) == (8, 2)
+    rows = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(height, 1 + 3 * width)
+    assert not rows[:, 0].any()  # filter type 0: raw rows
+    return rows[:, 1:].reshape(height, width, 3)
+
+
+def test_pictures_are_stored_as_png_of_the_same_pixels() -> None:
+    pixels = pattern_image(37, 53, seed=4)
+    assert np.array_equal(decode_png(png_data_url(pixels)), pixels)
+
+
+def test_tiles_figure_draws_the_grid_and_the_global_tile() -> None:
+    processor = l4lab.ImageProcessor()
+    picture = pattern_image(500, 900)
+    fig = viz.tiles_figure(picture, processor(picture), processor)
+    images = [trace for trace in fig.data if trace.type == "image"]
+    assert len(images) == 2  # the canvas and the global tile
+    assert decode_png(images[0].source).shape == (672, 1008, 3)  # 2 x 3 tiles of 336
+    lines = [shape for shape in fig.layout.shapes if shape.type == "line"]
+    assert len(lines) == (3 + 1) + (2 + 1)
+    outline = next(shape for shape in fig.layout.shapes if shape.type == "rect")
+    assert (outline.x1, outline.y1) == (899.5, 499.5)  # the resized picture: 500 x 900, not enlarged
+    single = viz.tiles_figure(picture[:300, :300], processor(picture[:300, :300]), processor)
+    assert len([trace for trace in single.data if trace.type == "image"]) == 1
+
+
+def test_patches_figure_draws_patches_and_tokens() -> None:
+    vision = l4lab.preset("llama4-scout").vision
+    tile = pattern_image(336, 336)
+    fig = viz.patches_figure(tile, vision)
+    widths = [shape.line.width for shape in fig.layout.shapes]
+    assert widths.count(0.6) == 2 * (24 + 1) and widths.count(2) == 2 * (12 + 1)
+    assert "576 patches" in fig.layout.title.text and "144 tokens" in fig.layout.title.text
+
+
+def test_layout_summary_counts_runs() -> None:
+    summary = viz.layout_summary(image_prompt((1, 2), 3))
+    assert summary == (
+        "<|image_start|> <|patch|> x3 <|tile_x_separator|> <|patch|> x3 <|tile_y_separator|> "
+        "<|image|> <|patch|> x3 <|image_end|>"
+    )
+
+
+def test_parameter_parts_add_up_to_count_params() -> None:
+    for name in ("llama4-scout", "llama4-maverick"):
+        config = l4lab.preset(name)
+        parts = viz.parameter_parts(config)
+        assert sum(parts.values()) == l4lab.count_params(config)[0]
+        assert parts["34 encoder layers (+ LayerNorms before and after)"] == 809_473_280
