@@ -922,12 +922,18 @@ def attention(
     chunk_size: int | None,
     temperature: Temperature | None,
     need_probs: bool,
+    window: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """:func:`l4lab.ops.attention` as a flash kernel: (out [B, H, Tq, D], None).
 
     With ``need_probs`` the probabilities are wanted, which a flash kernel never forms: the eager
-    reference computes both and its (out, probs) is returned.
+    reference computes both and its (out, probs) is returned. A sliding ``window`` is refused: the
+    kernel's tile skipping knows causal and chunked masks only.
     """
+    if window is not None:
+        raise NotImplementedError(
+            f"the fused attention kernel has no sliding window (window = {window}); use backend='eager'"
+        )
     if need_probs:
         return ops.attention(q, k, v, query_start, key_start, chunk_size, temperature, need_probs=True)
     return flash_attention(q, k, v, query_start, key_start, chunk_size, temperature), None

@@ -81,6 +81,7 @@ import triton.language as tl
 from torch import Tensor
 
 from l4lab import ops
+from l4lab.config import RouterSpec
 from l4lab.kernels.matmul_precision import dot_precision, refuse_interpreted_bfloat16
 
 # token rows per route program: E logits each, a few KiB per program
@@ -232,14 +233,22 @@ class _TopOneRoute(torch.autograd.Function):
         return grad_logits, None
 
 
-def route(logits: Tensor, selection_bias: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+def route(
+    logits: Tensor, selection_bias: Tensor, top_k: int, router: RouterSpec | None = None
+) -> tuple[Tensor, Tensor]:
     """Each token's top-k experts of ``logits + selection_bias`` and ``sigmoid`` of their raw logits.
 
     ``logits`` [N, E] -> (experts [N, k] int64, scores [N, k] in logits' dtype); scores carry a gradient
     to ``logits``. k = 1 (Llama 4) runs the Triton kernel; ties go to the lowest expert index
     (``torch.topk`` on the CPU breaks ties arbitrarily, so with exact ties the two may differ). Other k
     use the eager :func:`l4lab.ops.route`: a top-k needs a partial sort, which torch already does well.
+    Llama 4's router only: another ``router`` (Mixtral's, DeepSeek-V3's) is refused.
     """
+    if router is not None and router.kind != "llama4":
+        raise NotImplementedError(
+            f"the fused route kernel implements Llama 4's router only, not {router.kind!r}; "
+            "use backend='eager'"
+        )
     if top_k != 1:
         return ops.route(logits, selection_bias, top_k)
     return _TopOneRoute.apply(logits, selection_bias)
@@ -938,6 +947,7 @@ def routed_experts(
     gate_up: Tensor,
     down: Tensor,
     shared: Tensor | None = None,
+    scale_output: bool = False,
     *,
     tiles: Tiles | None = None,
 ) -> Tensor:
@@ -946,7 +956,13 @@ def routed_experts(
     ``x`` [N, D], ``expert_ids``/``scores`` [N, k], ``gate_up`` [E, D, 2I], ``down`` [E, I, D],
     ``shared`` [N, D] or None; returns [N, D]. ``tiles`` overrides the block sizes (tests, tuning).
     Differentiable in x, scores, gate_up, down and shared; the backward's GEMMs are Triton kernels too.
+    Scores scale the expert's input (Llama 4); ``scale_output`` (Mixtral, DeepSeek-V3) is refused.
     """
+    if scale_output:
+        raise NotImplementedError(
+            "the fused experts kernel scales each expert's input by its score (Llama 4); scaling the "
+            "output (Mixtral, DeepSeek-V3) runs on backend='eager' only"
+        )
     refuse_interpreted_bfloat16(x, "experts")
     tiles = tiles or default_tiles(x.device, x.dtype)
     inputs = (x, scores, gate_up, down, shared)

@@ -23,8 +23,9 @@ if TYPE_CHECKING:
 class LayerCache:
     """Past keys and values [B, Hkv, S, D] of one layer, starting at absolute position ``start``."""
 
-    def __init__(self, chunk_size: int | None) -> None:
+    def __init__(self, chunk_size: int | None, window: int | None = None) -> None:
         self.chunk_size = chunk_size
+        self.window = window
         self.keys: Tensor | None = None
         self.values: Tensor | None = None
         self.start = 0
@@ -34,7 +35,7 @@ class LayerCache:
 
         Afterwards, keep only what a later query can still see: everything on a global layer, the keys from
         the start of the current chunk on a chunked layer (none when the new tokens end exactly on a
-        chunk boundary).
+        chunk boundary), the last ``window - 1`` keys on a sliding-window layer.
         """
         if self.keys is None:
             all_keys, all_values, start = keys, values, position
@@ -43,10 +44,13 @@ class LayerCache:
             all_values = torch.cat([self.values, values], dim=2)
             start = self.start
         end = position + keys.shape[2]
-        if self.chunk_size is None:
+        if self.chunk_size is None and self.window is None:
             self.keys, self.values, self.start = all_keys, all_values, start
         else:
-            keep_from = max(start, end // self.chunk_size * self.chunk_size)
+            if self.chunk_size is not None:
+                keep_from = max(start, end // self.chunk_size * self.chunk_size)
+            else:
+                keep_from = max(start, end - (self.window - 1))
             # clone: a view would keep the whole concatenation alive
             self.keys = all_keys[:, :, keep_from - start :].clone()
             self.values = all_values[:, :, keep_from - start :].clone()
@@ -67,7 +71,7 @@ class KVCache:
     """One :class:`LayerCache` per layer, and the absolute position of the next token."""
 
     def __init__(self, plan: list[LayerSpec]) -> None:
-        self.layers = [LayerCache(spec.chunk_size) for spec in plan]
+        self.layers = [LayerCache(spec.chunk_size, spec.window) for spec in plan]
         self.position = 0
 
     def lengths(self) -> list[int]:

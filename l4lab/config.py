@@ -1,7 +1,7 @@
-"""The configuration: every architectural number of a Llama 4 model, and three toggles.
+"""The configuration: every architectural number of a Llama 4 model (or of its family), and the toggles.
 
 A :class:`Config` holds what the published ``config.json`` of a Llama 4 checkpoint holds, under names
-that say what they mean, plus the three toggles that l4lab is built to compare:
+that say what they mean, plus the toggles that l4lab is built to compare:
 
 * ``ffn = "moe" | "dense"``: Llama 4's interleaved mixture-of-experts layers, or a dense SwiGLU in
   every layer (as in Llama 2 and 3).
@@ -12,6 +12,13 @@ that say what they mean, plus the three toggles that l4lab is built to compare:
   take iRoPE apart, for experiments that attribute its effect: ``"nope"`` (every layer NoPE, global,
   temperature tuned like Llama 4's NoPE layers) and ``"chunked"`` (every layer RoPE and chunked).
 * ``backend = "eager" | "fused"``: plain PyTorch operations, or the Triton kernels of ``l4lab.kernels``.
+* ``router = "llama4" | "mixtral" | "deepseek"``: how a MoE layer picks and weighs its experts (see
+  :class:`RouterSpec`): Llama 4's sigmoid top-k scaling the expert's input beside a shared expert,
+  Mixtral's softmax top-2 renormalised and scaling the output with no shared expert, or DeepSeek-V3's
+  sigmoid top-k renormalised, scaled by ``routed_scaling_factor``, beside a shared expert.
+
+With ``ffn = "dense"`` and ``positions = "rope"`` (and no QK norm) the same code is Llama 2 and 3; with
+``router = "mixtral"`` (and ``sliding_window`` where a checkpoint has one) it is Mixtral.
 
 The toggles are resolved in ONE place, :meth:`Config.layer_plan`, into a :class:`LayerSpec` per layer;
 the model reads those specs and never looks at the toggles itself.
@@ -31,6 +38,7 @@ from typing import Any
 FFN_CHOICES = ("moe", "dense")
 POSITION_CHOICES = ("irope", "rope", "nope", "chunked")
 BACKEND_CHOICES = ("eager", "fused")
+ROUTER_CHOICES = ("llama4", "mixtral", "deepseek")
 
 
 def _invalid(name: str, value: Any, allowed: str) -> ValueError:
@@ -77,6 +85,43 @@ class RopeScaling:
 
 
 @dataclass(frozen=True)
+class RouterSpec:
+    """How one MoE layer routes, resolved from ``Config.router``.
+
+    ``scoring``: ``"sigmoid"`` scores each expert on its own (Llama 4, DeepSeek-V3); ``"softmax"``
+    makes the experts compete for a total of one (Mixtral).
+    ``select_on``: the top-k is taken over the raw ``"logits"`` (Llama 4) or over the ``"scores"``
+    (Mixtral, DeepSeek-V3); the selection bias of auxiliary-loss-free balancing is added there.
+    ``renormalise``: divide the chosen k scores by their sum (Mixtral, DeepSeek-V3).
+    ``scale``: multiply the chosen score into the expert's ``"input"`` (Llama 4) or ``"output"``.
+    ``shared_expert``: a SwiGLU every token passes through besides its routed experts.
+    ``routed_scaling_factor``: a constant on the routed weights (DeepSeek-V3: 2.5; others 1).
+
+    Not modelled: DeepSeek-V3's restriction of the choice to the best few groups of experts (its
+    ``n_group``/``topk_group``, for expert parallelism) and its multi-head latent attention.
+    """
+
+    kind: str
+    scoring: str
+    select_on: str
+    renormalise: bool
+    scale: str
+    shared_expert: bool
+    routed_scaling_factor: float = 1.0
+
+
+def router_spec(kind: str, routed_scaling_factor: float = 1.0) -> RouterSpec:
+    """The :class:`RouterSpec` of a ``Config.router`` choice."""
+    if kind == "llama4":
+        return RouterSpec(kind, "sigmoid", "logits", False, "input", True)
+    if kind == "mixtral":
+        return RouterSpec(kind, "softmax", "scores", True, "output", False)
+    if kind == "deepseek":
+        return RouterSpec(kind, "sigmoid", "scores", True, "output", True, routed_scaling_factor)
+    raise _invalid("router", kind, " or ".join(repr(c) for c in ROUTER_CHOICES))
+
+
+@dataclass(frozen=True)
 class LayerSpec:
     """What one decoder layer does, resolved from the config's fields and toggles.
 
@@ -85,6 +130,9 @@ class LayerSpec:
     ``temperature_tuning``: scale queries by their absolute position (Llama 4's NoPE layers).
     ``qk_norm``: normalise queries and keys over head_dim after RoPE (weightless).
     ``moe``: a mixture-of-experts feed-forward, or a dense SwiGLU.
+    ``router``: how the MoE routes (None on dense layers).
+    ``window``: attend only to the last ``window`` tokens, this one included (Mistral's sliding window;
+    None: no window).
     """
 
     index: int
@@ -93,6 +141,8 @@ class LayerSpec:
     temperature_tuning: bool
     qk_norm: bool
     moe: bool
+    router: RouterSpec | None = None
+    window: int | None = None
 
 
 @dataclass(frozen=True)
@@ -201,7 +251,7 @@ class VisionConfig:
 
 @dataclass
 class Config:
-    """Every architectural field of a Llama 4 text model, and the three toggles.
+    """Every architectural field of a Llama 4 text model, and the toggles.
 
     Field names map one to one onto transformers' ``Llama4TextConfig`` (see ``l4lab.interop``).
     The defaults are the "tiny-moe" preset: a model that trains on two CPU cores in minutes.
@@ -235,6 +285,10 @@ class Config:
     ffn: str = "moe"
     positions: str = "irope"
     backend: str = "eager"
+    router: str = "llama4"
+    routed_scaling_factor: float = 1.0  # DeepSeek-V3's constant on routed weights (2.5 there)
+    # Mistral-style sliding window (global RoPE positions only): query i sees keys i - window < j <= i
+    sliding_window: int | None = None
     # token ids used by generation and tokenizers; not part of the architecture
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -281,7 +335,7 @@ class Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise _invalid(name, value, "a positive integer")
-        for name in ("rope_theta", "rms_norm_eps"):
+        for name in ("rope_theta", "rms_norm_eps", "routed_scaling_factor"):
             value = getattr(self, name)
             if not _is_number(value) or not value > 0:
                 raise _invalid(name, value, "a positive finite number")
@@ -304,9 +358,40 @@ class Config:
             ("ffn", FFN_CHOICES),
             ("positions", POSITION_CHOICES),
             ("backend", BACKEND_CHOICES),
+            ("router", ROUTER_CHOICES),
         ):
             if getattr(self, name) not in choices:
                 raise _invalid(name, getattr(self, name), " or ".join(repr(c) for c in choices))
+        if self.router != "deepseek" and self.routed_scaling_factor != 1.0:
+            raise _invalid(
+                "routed_scaling_factor", self.routed_scaling_factor, "1.0 unless router = 'deepseek'"
+            )
+        window = self.sliding_window
+        if window is not None:
+            if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+                raise _invalid("sliding_window", window, "None or a positive integer")
+            if self.positions != "rope":
+                raise _invalid(
+                    "sliding_window",
+                    window,
+                    f"None under positions={self.positions!r} (a sliding window goes with global RoPE "
+                    "attention, positions='rope', as in Mistral and Mixtral; iRoPE's chunks are a "
+                    "different mask)",
+                )
+        if self.backend == "fused" and self.router != "llama4":
+            raise _invalid(
+                "backend",
+                self.backend,
+                f"'eager' with router = {self.router!r}: the fused kernels implement Llama 4's router "
+                "(sigmoid scores scaling the expert input) only",
+            )
+        if self.backend == "fused" and window is not None:
+            raise _invalid(
+                "backend",
+                self.backend,
+                "'eager' with a sliding_window: the fused attention kernel knows causal and chunked "
+                "masks only",
+            )
         if self.rope_scaling is not None:
             if not isinstance(self.rope_scaling, RopeScaling):
                 raise _invalid("rope_scaling", self.rope_scaling, "None or a RopeScaling")
@@ -334,6 +419,7 @@ class Config:
             interleaved_nope = self.positions == "irope" and (i + 1) % self.nope_layer_interval == 0
             nope = self.positions == "nope" or interleaved_nope
             chunked = self.positions == "chunked" or (self.positions == "irope" and not nope)
+            moe = self.ffn == "moe" and (i + 1) % self.moe_layer_step == 0
             plan.append(
                 LayerSpec(
                     index=i,
@@ -341,7 +427,9 @@ class Config:
                     chunk_size=self.attention_chunk_size if chunked else None,
                     temperature_tuning=nope and self.temperature_tuning,
                     qk_norm=self.use_qk_norm and not nope,
-                    moe=self.ffn == "moe" and (i + 1) % self.moe_layer_step == 0,
+                    moe=moe,
+                    router=router_spec(self.router, self.routed_scaling_factor) if moe else None,
+                    window=self.sliding_window,
                 )
             )
         return plan
@@ -386,6 +474,58 @@ _LLAMA4_SHARED: dict[str, Any] = dict(
     eos_token_id=200008,
 )
 
+
+def _llama(
+    hidden: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    ffn: int,
+    vocab: int,
+    context: int,
+    theta: float,
+    eps: float = 1e-5,
+    bos: int = 1,
+    eos: int = 2,
+    rope_scaling: RopeScaling | None = None,
+) -> dict[str, Any]:
+    """A dense Llama 1/2/3 config: SwiGLU, RoPE with global attention in every layer, no QK norm."""
+    return dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=hidden // heads,
+        dense_intermediate_size=ffn,
+        moe_intermediate_size=ffn,
+        num_experts=1,
+        use_qk_norm=False,
+        rope_theta=theta,
+        rope_scaling=rope_scaling,
+        rms_norm_eps=eps,
+        max_position_embeddings=context,
+        attention_chunk_size=context,
+        floor_scale=8192,
+        ffn="dense",
+        positions="rope",
+        bos_token_id=bos,
+        eos_token_id=eos,
+    )
+
+
+def _mixtral(hidden: int, layers: int, heads: int, ffn: int, vocab: int, context: int) -> dict[str, Any]:
+    """A Mixtral config: the Llama block with 8 experts of width ``ffn`` routed top-2 in every layer."""
+    return dict(
+        _llama(hidden, layers, heads, 8, ffn, vocab, context, 1000000.0),
+        num_experts=8,
+        top_k=2,
+        moe_layer_step=1,
+        ffn="moe",
+        router="mixtral",
+    )
+
+
 _PRESETS: dict[str, dict[str, Any]] = {
     # Llama 4 Scout 17B-16E: MoE in every layer, QK norm, RoPE scaling, 10M context; vision encoder.
     "llama4-scout": dict(
@@ -408,48 +548,52 @@ _PRESETS: dict[str, dict[str, Any]] = {
         rope_scaling=None,
         max_position_embeddings=1048576,
     ),
-    # Llama 3 8B: dense, RoPE everywhere, GQA.
-    "llama3-8b": dict(
-        vocab_size=128256,
-        hidden_size=4096,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=128,
-        dense_intermediate_size=14336,
-        moe_intermediate_size=14336,
-        num_experts=1,
-        use_qk_norm=False,
-        rope_theta=500000.0,
-        max_position_embeddings=8192,
-        ffn="dense",
-        positions="rope",
-        attention_chunk_size=8192,
-        floor_scale=8192,
-        bos_token_id=128000,
-        eos_token_id=128001,
+    # Llama 4 Behemoth: AN ESTIMATE. Meta published 16 experts, 288B active and about 2T total, nothing
+    # more. Assumed: Scout's layout (MoE in every layer, top-1 + a shared expert, iRoPE, QK norm, the
+    # Llama 4 vocabulary), Llama 3.1 405B's width (hidden 16384, 128 heads, 8 KV heads); the depth (96)
+    # and expert width (24064) are solved for the two published numbers: 1.99T / 288.5B. Other
+    # combinations fit as well (e.g. hidden 14336, 116 layers, width 23040): only two numbers are known.
+    "llama4-behemoth": dict(
+        _LLAMA4_SHARED,
+        hidden_size=16384,
+        num_layers=96,
+        num_heads=128,
+        moe_intermediate_size=24064,
+        dense_intermediate_size=2 * 24064,
+        num_experts=16,
+        moe_layer_step=1,
+        use_qk_norm=True,
+        rope_scaling=None,
+        max_position_embeddings=1048576,
     ),
-    # Llama 2 7B: dense, RoPE everywhere, no GQA (32 key/value heads).
-    "llama2-7b": dict(
-        vocab_size=32000,
-        hidden_size=4096,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=32,
-        head_dim=128,
-        dense_intermediate_size=11008,
-        moe_intermediate_size=11008,
-        num_experts=1,
-        use_qk_norm=False,
-        rope_theta=10000.0,
-        max_position_embeddings=4096,
-        ffn="dense",
-        positions="rope",
-        attention_chunk_size=4096,
-        floor_scale=8192,
-        bos_token_id=1,
-        eos_token_id=2,
+    # The dense Llamas: RoPE with global attention everywhere, no QK norm (the Llama 2/3 toggles).
+    # LLaMA 1 (Touvron et al. 2023a, Table 2): no GQA, 2K context.
+    "llama1-7b": _llama(4096, 32, 32, 32, 11008, 32000, 2048, 10000.0, eps=1e-6),
+    "llama1-65b": _llama(8192, 80, 64, 64, 22016, 32000, 2048, 10000.0, eps=1e-5),
+    # Llama 2 (Touvron et al. 2023b): 4K context; GQA on 70B only.
+    "llama2-7b": _llama(4096, 32, 32, 32, 11008, 32000, 4096, 10000.0),
+    "llama2-13b": _llama(5120, 40, 40, 40, 13824, 32000, 4096, 10000.0),
+    "llama2-70b": _llama(8192, 80, 64, 8, 28672, 32000, 4096, 10000.0),
+    # Llama 3 (Grattafiori et al. 2024): 128K vocabulary, GQA everywhere, theta 500000, 8K context;
+    # Llama 3.1 stretches RoPE (factor 8) to 128K.
+    "llama3-8b": _llama(4096, 32, 32, 8, 14336, 128256, 8192, 500000.0, bos=128000, eos=128001),
+    "llama3-70b": _llama(8192, 80, 64, 8, 28672, 128256, 8192, 500000.0, bos=128000, eos=128001),
+    "llama3.1-405b": _llama(
+        16384,
+        126,
+        128,
+        8,
+        53248,
+        128256,
+        131072,
+        500000.0,
+        bos=128000,
+        eos=128001,
+        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
     ),
+    # Mixtral (Jiang et al. 2024): every layer MoE, 8 experts, top-2 softmax router, no shared expert.
+    "mixtral-8x7b": _mixtral(4096, 32, 32, 14336, 32000, 32768),
+    "mixtral-8x22b": _mixtral(6144, 56, 48, 16384, 32768, 65536),
     # Tiny models that train on two CPU cores in minutes, on the byte tokenizer's 260 ids.
     # "tiny" (dense) and "tiny-moe" have the same ACTIVE parameters: the dense width is twice the
     # expert width, and a MoE token passes through one routed expert plus the shared expert.
@@ -474,10 +618,13 @@ def count_params(config: Config) -> tuple[int, int]:
     """(total, active) parameter counts, from the config alone (no model is built).
 
     Active parameters are those one TEXT token passes through: the embedding and head tables in full,
-    the attention, and in a MoE layer the router, the shared expert and ``top_k`` routed experts. The
-    total adds the vision encoder and adapter when the config has one (:func:`count_vision_params`).
+    the attention, and in a MoE layer the router, the shared expert (if the router has one) and
+    ``top_k`` routed experts. The total adds the vision encoder and adapter when the config has one
+    (:func:`count_vision_params`).
     Scout comes out at 108.6B / 17.2B (Meta: 109B / 17B; the text model alone is 107.8B), Maverick at
     401.6B / 17.2B (Meta: 400B / 17B).
+    Mixtral 8x7B comes out at 46.7B / 12.9B: only the feed-forward is replicated per expert, so "8 x 7B"
+    overcounts.
     """
     d = config.hidden_size
     attention = d * config.head_dim * (2 * config.num_heads + 2 * config.num_kv_heads)
@@ -490,8 +637,9 @@ def count_params(config: Config) -> tuple[int, int]:
         active += attention + norms
         if spec.moe:
             router = d * config.num_experts
-            total += router + swiglu_expert * (config.num_experts + 1)
-            active += router + swiglu_expert * (config.top_k + 1)
+            shared = int(spec.router is None or spec.router.shared_expert)
+            total += router + swiglu_expert * (config.num_experts + shared)
+            active += router + swiglu_expert * (config.top_k + shared)
         else:
             total += swiglu_dense
             active += swiglu_dense
@@ -529,10 +677,12 @@ __all__ = [
     "Config",
     "LayerSpec",
     "RopeScaling",
+    "RouterSpec",
     "VisionConfig",
     "count_params",
     "count_vision_params",
     "preset",
     "preset_names",
+    "router_spec",
     "vision_parameters",
 ]

@@ -17,6 +17,14 @@ l4lab ``Config``                      transformers ``Llama4TextConfig``
 ``rope_theta``, ``rope_scaling``      ``rope_parameters`` (or ``rope_theta`` + ``rope_scaling``)
 ====================================  ============================================================
 
+The same code is Llama 2/3 and Mixtral: ``from_transformers`` also takes a ``LlamaForCausalLM`` or a
+``MixtralForCausalLM``, ``load_pretrained`` reads their hub layouts (``config.json`` with ``model_type``
+"llama" or "mixtral"; Mixtral's experts one by one, ``block_sparse_moe.experts.{j}.w1/w2/w3``, or
+stacked as transformers 5 holds them) and ``save_pretrained(..., layout="llama" | "mixtral")`` writes
+them. Those layouts store q_proj and k_proj rows permuted for rotate-half RoPE; l4lab rotates
+interleaved pairs, so the rows are permuted back on the way in and forth on the way out
+(:func:`interleaved_rope_rows`); the maths stays l4lab's.
+
 A multimodal model (``l4lab.vision.Llama4Multimodal``) maps onto ``Llama4ForConditionalGeneration``: its
 ``vision_model.*`` and ``multi_modal_projector.*`` parameters have the checkpoint's names, its text model's
 are l4lab's under ``language_model.`` (``language_model.model.`` in the checkpoint). The vision fields:
@@ -45,6 +53,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -205,12 +215,14 @@ def _int_list(hf: dict[str, Any], name: str) -> list[int] | None:
     return value
 
 
-def _rope_from_transformers(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+def _rope_from_transformers(
+    hf: dict[str, Any], default_theta: float = 500000.0
+) -> tuple[float, RopeScaling | None]:
     for name in ("rope_parameters", "rope_scaling"):
         if hf.get(name) is not None and not isinstance(hf[name], dict):
             raise ValueError(f"config field {name} = {hf[name]!r} is not an object")
     rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
-    theta = _number(rope, "rope_theta", float, _number(hf, "rope_theta", float, 500000.0))
+    theta = _number(rope, "rope_theta", float, _number(hf, "rope_theta", float, default_theta))
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "default":
         return theta, None
@@ -285,7 +297,8 @@ def vision_config_from_transformers(hf: dict[str, Any] | Any) -> VisionConfig | 
 
 
 def config_from_transformers(hf: dict[str, Any] | Any) -> Config:
-    """An l4lab :class:`Config` from a transformers Llama 4 config (object or ``config.json`` dict).
+    """An l4lab :class:`Config` from a transformers Llama 4, Llama or Mixtral config (object or
+    ``config.json`` dict).
 
     Accepts the text config or a multimodal config holding one under ``text_config`` (and then its
     ``vision_config`` too). Raises ValueError naming the field when a field is missing or malformed, or
@@ -305,6 +318,8 @@ def config_from_transformers(hf: dict[str, Any] | Any) -> Config:
 
 
 def _text_config_from_transformers(hf: dict[str, Any]) -> Config:
+    if layout_of(hf) != "llama4":
+        return _config_from_layout(hf, layout_of(hf))
     if hf.get("l4lab"):
         if not isinstance(hf["l4lab"], dict):
             raise ValueError(f"config field l4lab = {hf['l4lab']!r} is not an object of Config fields")
@@ -412,6 +427,252 @@ def _check_agrees(config: Config, hf: dict[str, Any]) -> None:
             )
 
 
+# ---------------------------------------------------------------------- Llama 2/3 and Mixtral layouts
+LAYOUTS = ("llama4", "llama", "mixtral")
+_DEFAULT_THETA = {"llama4": 500000.0, "llama": 10000.0, "mixtral": 1000000.0}
+
+
+def layout_of(hf: dict[str, Any] | Any) -> str:
+    """Which checkpoint layout a transformers config describes: "llama", "mixtral" or "llama4"."""
+    model_type = hf.get("model_type") if isinstance(hf, dict) else getattr(hf, "model_type", None)
+    return {"llama": "llama", "mixtral": "mixtral"}.get(model_type, "llama4")
+
+
+def interleaved_rope_rows(weight: Tensor, num_heads: int, head_dim: int) -> Tensor:
+    """q_proj/k_proj rows of a Llama/Mixtral checkpoint (rotate-half) in l4lab's interleaved order.
+
+    transformers' ``LlamaForCausalLM`` rotates feature i with feature i + D/2 of each head, so the
+    checkpoint conversion reordered the rows that Meta's interleaved code (pairs 2i, 2i+1) had. Row
+    ``(head, half, i)`` moves to ``(head, i, half)``; the attention logits are unchanged because q and k
+    move together. :func:`rotate_half_rope_rows` is the inverse.
+    """
+    rows = num_heads * head_dim
+    return weight.reshape(num_heads, 2, head_dim // 2, -1).transpose(1, 2).reshape(rows, -1)
+
+
+def rotate_half_rope_rows(weight: Tensor, num_heads: int, head_dim: int) -> Tensor:
+    """The inverse of :func:`interleaved_rope_rows`: l4lab's q/k rows in a Llama checkpoint's order."""
+    rows = num_heads * head_dim
+    return weight.reshape(num_heads, head_dim // 2, 2, -1).transpose(1, 2).reshape(rows, -1)
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """Where one tensor of a Llama/Mixtral checkpoint goes in l4lab: ``region`` of parameter ``name``
+    (None: all of it), converted by ``to_l4lab``; ``from_l4lab`` computes it from the whole parameter."""
+
+    name: str
+    shape: tuple[int, ...]
+    to_l4lab: Callable[[Tensor], Tensor] = _same
+    from_l4lab: Callable[[Tensor], Tensor] = _same
+    region: tuple[Any, ...] | None = None
+
+
+def _layout_tensors(config: Config, layout: str, per_expert: bool = True) -> dict[str, _Placement]:
+    """Every tensor of a checkpoint in ``layout`` ("llama" or "mixtral"), by key, and its place in l4lab.
+
+    ``per_expert``: Mixtral's hub layout, ``block_sparse_moe.experts.{j}.w1`` (gate [I, D]), ``w3`` (up)
+    and ``w2`` (down [D, I]); otherwise transformers 5's stacked ``mlp.experts.gate_up_proj``
+    [E, 2I, D] and ``down_proj`` [E, D, I]. l4lab stacks them as [E, D, 2I] and [E, I, D].
+    """
+    d, hd, i_moe = config.hidden_size, config.head_dim, config.moe_intermediate_size
+    heads, kv_heads = config.num_heads, config.num_kv_heads
+    tensors = {
+        "model.embed_tokens.weight": _Placement("embed_tokens.weight", (config.vocab_size, d)),
+        "model.norm.weight": _Placement("norm.weight", (d,)),
+        "lm_head.weight": _Placement("lm_head.weight", (config.vocab_size, d)),
+    }
+
+    def rope_rows(n: int) -> dict[str, Any]:
+        return dict(
+            to_l4lab=lambda t: interleaved_rope_rows(t, n, hd),
+            from_l4lab=lambda t: rotate_half_rope_rows(t, n, hd),
+        )
+
+    for spec in config.layer_plan():
+        ours, theirs = f"layers.{spec.index}.", f"model.layers.{spec.index}."
+        attn = "self_attn."
+        tensors.update(
+            {
+                theirs + "input_layernorm.weight": _Placement(ours + "input_layernorm.weight", (d,)),
+                theirs + "post_attention_layernorm.weight": _Placement(
+                    ours + "post_attention_layernorm.weight", (d,)
+                ),
+                theirs + attn + "q_proj.weight": _Placement(
+                    ours + attn + "q_proj.weight", (heads * hd, d), **rope_rows(heads)
+                ),
+                theirs + attn + "k_proj.weight": _Placement(
+                    ours + attn + "k_proj.weight", (kv_heads * hd, d), **rope_rows(kv_heads)
+                ),
+                theirs + attn + "v_proj.weight": _Placement(
+                    ours + attn + "v_proj.weight", (kv_heads * hd, d)
+                ),
+                theirs + attn + "o_proj.weight": _Placement(ours + attn + "o_proj.weight", (d, heads * hd)),
+            }
+        )
+        ffn = ours + "feed_forward."
+        if layout == "llama":
+            i_dense = config.dense_intermediate_size
+            for proj, shape in (
+                ("gate_proj", (i_dense, d)),
+                ("up_proj", (i_dense, d)),
+                ("down_proj", (d, i_dense)),
+            ):
+                tensors[f"{theirs}mlp.{proj}.weight"] = _Placement(f"{ffn}{proj}.weight", shape)
+            continue
+        moe = theirs + ("block_sparse_moe." if per_expert else "mlp.")
+        tensors[moe + "gate.weight"] = _Placement(ffn + "router.weight", (config.num_experts, d))
+        gate_up, down = ffn + "experts.gate_up_proj", ffn + "experts.down_proj"
+        if not per_expert:
+            transpose = dict(to_l4lab=lambda t: t.transpose(1, 2), from_l4lab=lambda t: t.transpose(1, 2))
+            tensors[moe + "experts.gate_up_proj"] = _Placement(
+                gate_up, (config.num_experts, 2 * i_moe, d), **transpose
+            )
+            tensors[moe + "experts.down_proj"] = _Placement(down, (config.num_experts, d, i_moe), **transpose)
+            continue
+        for j in range(config.num_experts):
+            expert = f"{moe}experts.{j}."
+            gate, up = slice(0, i_moe), slice(i_moe, 2 * i_moe)
+            tensors[expert + "w1.weight"] = _Placement(
+                gate_up,
+                (i_moe, d),
+                lambda t: t.T,
+                lambda t, j=j, r=gate: t[j, :, r].T,
+                (j, slice(None), gate),
+            )
+            tensors[expert + "w3.weight"] = _Placement(
+                gate_up, (i_moe, d), lambda t: t.T, lambda t, j=j, r=up: t[j, :, r].T, (j, slice(None), up)
+            )
+            tensors[expert + "w2.weight"] = _Placement(
+                down, (d, i_moe), lambda t: t.T, lambda t, j=j: t[j].T, (j,)
+            )
+    return tensors
+
+
+def check_layout(config: Config, layout: str) -> None:
+    """Raise ValueError naming what of ``config`` a checkpoint in ``layout`` cannot express."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not known: one of {LAYOUTS}")
+    problems = []
+    if layout == "llama4":
+        if config.router != "llama4":
+            problems.append(f"router = {config.router!r} (Llama 4 checkpoints route as 'llama4')")
+        if config.sliding_window is not None:
+            problems.append(f"sliding_window = {config.sliding_window} (Llama 4 has none)")
+    else:
+        if config.positions != "rope":
+            problems.append("positions = 'irope' (Llama and Mixtral use RoPE with global attention)")
+        if config.use_qk_norm:
+            problems.append("use_qk_norm = True (Llama and Mixtral have no QK norm)")
+    if layout == "llama":
+        if config.ffn != "dense":
+            problems.append("ffn = 'moe' (Llama 2/3 are dense: save a MoE with layout 'llama4' or 'mixtral')")
+        if config.sliding_window is not None:
+            problems.append(f"sliding_window = {config.sliding_window} (LlamaForCausalLM has none)")
+    if layout == "mixtral":
+        if config.ffn != "moe" or config.moe_layer_step != 1:
+            problems.append("dense layers (Mixtral is MoE in every layer: ffn = 'moe', moe_layer_step = 1)")
+        if config.router != "mixtral":
+            problems.append(f"router = {config.router!r} (Mixtral routes as 'mixtral')")
+    if problems:
+        raise ValueError(f"a {layout!r} checkpoint cannot express this model: " + "; ".join(problems))
+
+
+def _layout_config(config: Config, layout: str) -> dict[str, Any]:
+    """The ``config.json`` of a transformers ``LlamaForCausalLM`` or ``MixtralForCausalLM``."""
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling is not None:
+        rope.update(rope_type="llama3", **vars(config.rope_scaling))
+    hf: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM" if layout == "llama" else "MixtralForCausalLM"],
+        "model_type": layout,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": (
+            config.dense_intermediate_size if layout == "llama" else config.moe_intermediate_size
+        ),
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_parameters": rope,
+        "attention_bias": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+    }
+    if layout == "llama":
+        hf.update(mlp_bias=False, pretraining_tp=1)
+    else:
+        hf.update(
+            num_local_experts=config.num_experts,
+            num_experts_per_tok=config.top_k,
+            sliding_window=config.sliding_window,
+            router_jitter_noise=0.0,
+        )
+    return hf
+
+
+def _config_from_layout(hf: dict[str, Any], layout: str) -> Config:
+    """An l4lab Config from a Llama 2/3 or Mixtral ``config.json``: dense or Mixtral-routed MoE, RoPE
+    with global attention in every layer, no QK norm."""
+    for name, expected in (
+        ("hidden_act", "silu"),
+        ("tie_word_embeddings", False),
+        ("attention_bias", False),
+        ("mlp_bias", False),
+        ("pretraining_tp", 1),
+    ):
+        if name in hf and hf[name] != expected:
+            raise ValueError(
+                f"config field {name} = {hf[name]!r} is not supported: l4lab models {expected!r}"
+            )
+    layers = _number(hf, "num_hidden_layers", int, minimum=1)
+    heads = _number(hf, "num_attention_heads", int, minimum=1)
+    hidden = _number(hf, "hidden_size", int, minimum=1)
+    width = _number(hf, "intermediate_size", int, minimum=1)
+    max_positions = _number(hf, "max_position_embeddings", int, 4096)
+    theta, scaling = _rope_from_transformers(hf, _DEFAULT_THETA[layout])
+    moe: dict[str, Any] = dict(ffn="dense", num_experts=1)
+    if layout == "mixtral":
+        moe = dict(
+            ffn="moe",
+            router="mixtral",
+            num_experts=_number(hf, "num_local_experts", int, 8, minimum=1),
+            top_k=_number(hf, "num_experts_per_tok", int, 2, minimum=1),
+            sliding_window=_number(hf, "sliding_window", int, None, minimum=1),
+        )
+    return Config(
+        vocab_size=_number(hf, "vocab_size", int),
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=_number(hf, "num_key_value_heads", int, 0) or heads,
+        head_dim=_number(hf, "head_dim", int, 0) or hidden // heads,
+        moe_intermediate_size=width,
+        dense_intermediate_size=width,
+        moe_layer_step=1,
+        attention_chunk_size=max_positions,
+        temperature_tuning=False,
+        use_qk_norm=False,
+        rope_theta=theta,
+        rope_scaling=scaling,
+        rms_norm_eps=_number(hf, "rms_norm_eps", float, 1e-5),
+        max_position_embeddings=max_positions,
+        positions="rope",
+        bos_token_id=_single_id(hf, "bos_token_id"),
+        eos_token_id=_single_id(hf, "eos_token_id"),
+        **moe,
+    )
+
+
 # ---------------------------------------------------------------------- weights
 def checkpoint_key(name: str) -> str:
     """The transformers ``Llama4ForCausalLM`` key of an l4lab parameter name."""
@@ -505,6 +766,67 @@ class _WeightChecker:
             raise ValueError(f"weights in {self.source} do not fit the model: " + "; ".join(problems))
 
 
+class _LayoutLoader:
+    """Places the tensors of a Llama/Mixtral checkpoint into an l4lab model built on the meta device,
+    collecting missing, unexpected, mis-shaped and mis-typed keys to report them all at once."""
+
+    def __init__(self, model: Llama4, tensors: dict[str, _Placement], source: str) -> None:
+        self.model, self.tensors, self.source = model, tensors, source
+        self.seen: set[str] = set()
+        self.unexpected: list[str] = []
+        self.misshaped: list[str] = []
+        self.mistyped: list[str] = []
+        self.stacked: dict[str, Tensor] = {}  # experts' parameters filled one expert at a time
+
+    def accept(self, key: str, shape: tuple[int, ...], where: str = "") -> _Placement | None:
+        if key.endswith("rotary_emb.inv_freq"):
+            return None  # RoPE buffers of older checkpoints; l4lab derives them from the config
+        placement = self.tensors.get(key)
+        if placement is None:
+            self.unexpected.append(key)
+            return None
+        self.seen.add(key)
+        if tuple(shape) != placement.shape:
+            self.misshaped.append(f"{key}: expected {placement.shape}, got {tuple(shape)}{where}")
+            return None
+        return placement
+
+    def dtype_is_wrong(self, key: str, found: torch.dtype, expected: torch.dtype | None) -> bool:
+        if found.is_floating_point and expected in (None, found):
+            return False
+        wanted = "a floating-point dtype" if expected is None else str(expected).removeprefix("torch.")
+        self.mistyped.append(f"{key}: expected {wanted}, got {str(found).removeprefix('torch.')}")
+        return True
+
+    def place(self, placement: _Placement, tensor: Tensor) -> None:
+        value = placement.to_l4lab(tensor)
+        if placement.region is None:
+            _set_parameter(self.model, placement.name, value.contiguous())
+            return
+        whole = self.stacked.get(placement.name)
+        if whole is None:
+            shape = self.model.get_parameter(placement.name).shape
+            whole = self.stacked[placement.name] = torch.empty(shape, dtype=value.dtype, device=value.device)
+        whole[placement.region] = value.to(whole.dtype)
+
+    def finish(self) -> None:
+        problems = []
+        missing = sorted(set(self.tensors) - self.seen)
+        if missing:
+            problems.append(f"missing keys {brief_list(missing)}")
+        for what, found in (
+            ("unexpected", sorted(self.unexpected)),
+            ("mis-shaped", self.misshaped),
+            ("mis-typed", self.mistyped),
+        ):
+            if found:
+                problems.append(f"{what} keys {brief_list(found)}")
+        if problems:
+            raise ValueError(f"weights in {self.source} do not fit the model: " + "; ".join(problems))
+        for name, whole in self.stacked.items():
+            _set_parameter(self.model, name, whole)
+
+
 def _materialise_buffers(model: Llama4 | Llama4Multimodal, device: str | torch.device) -> None:
     """Buffers (the routers' selection biases) are not in checkpoints: they start at zero."""
     for module in model.modules():
@@ -522,13 +844,28 @@ def _new_model(config: Config, multimodal: bool) -> Llama4 | Llama4Multimodal:
 def from_transformers(hf_model: nn.Module, text_only: bool = False) -> Llama4 | Llama4Multimodal:
     """An l4lab model with a copy of the weights of a transformers ``Llama4ForCausalLM`` (a
     :class:`Llama4`) or ``Llama4ForConditionalGeneration`` (a :class:`~l4lab.vision.Llama4Multimodal`;
-    its text part alone with ``text_only``)."""
+    its text part alone with ``text_only``), ``LlamaForCausalLM`` or ``MixtralForCausalLM``.
+
+    Llama and Mixtral q/k rows are permuted from rotate-half to interleaved order here
+    (:func:`interleaved_rope_rows`); their logits then equal transformers' on l4lab's own RoPE."""
     config = config_from_transformers(hf_model.config)
     multimodal = config.vision is not None and not text_only
     state = hf_model.state_dict()
     dtype = next(iter(state.values())).dtype
     model = _new_model(config, multimodal)
     name_of = multimodal_key if multimodal else l4lab_key
+    layout = layout_of(hf_model.config)
+    if layout != "llama4":
+        loader = _LayoutLoader(
+            model, _layout_tensors(config, layout, per_expert=False), type(hf_model).__name__
+        )
+        for key, tensor in state.items():
+            placement = loader.accept(key, tuple(tensor.shape))
+            if placement is not None:
+                loader.place(placement, tensor.detach().clone())
+        loader.finish()
+        _materialise_buffers(model, model.device)
+        return model.to(dtype)
     checker = _WeightChecker(model, type(hf_model).__name__)
     for key, tensor in state.items():
         name = name_of(key)
@@ -544,9 +881,10 @@ def from_transformers(hf_model: nn.Module, text_only: bool = False) -> Llama4 | 
 # ---------------------------------------------------------------------- checkpoint directories
 def _read_config(
     path: Path, config_file: Path, verify: bool, recorded: tuple[str, str] | None
-) -> tuple[Config, torch.dtype | None, bool]:
-    """The Config in ``path``'s config.json, the dtype it declares and whether it describes a multimodal
-    model (it has a ``vision_config``); errors name the file.
+) -> tuple[Config, torch.dtype | None, bool, str]:
+    """The Config in ``path``'s config.json, the dtype it declares, whether it describes a multimodal
+    model (it has a ``vision_config``) and its layout ("llama4", "llama" or "mixtral"); errors name the
+    file.
 
     ``recorded``: (the sha256 of config.json that l4lab recorded when saving, the file it is in)."""
     if (
@@ -573,7 +911,7 @@ def _read_config(
         declared = hf["text_config"].get("dtype", hf["text_config"].get("torch_dtype"))
     dtype = getattr(torch, declared, None) if isinstance(declared, str) else None
     floating = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
-    return config, floating, hf.get("vision_config") is not None
+    return config, floating, hf.get("vision_config") is not None, layout_of(hf)
 
 
 def _weight_files(path: Path) -> tuple[list[tuple[Path, set[str] | None]], dict[str, Any]]:
@@ -663,12 +1001,19 @@ def load_pretrained(
             recorded = (index_metadata.get(CONFIG_CHECKSUM_KEY), INDEX_NAME)
             if recorded[0] is None:
                 recorded = (first.metadata.get(CONFIG_CHECKSUM_KEY), first.path.name)
-        config, declared, has_vision = _read_config(
+            all_keys = set(first.keys()).union(*(keys or () for _, keys in files))
+        config, declared, has_vision, layout = _read_config(
             path, config_file, verify, recorded if isinstance(recorded[0], str) else None
         )
         multimodal = has_vision and not text_only
         model = _new_model(config, multimodal)
         name_of = multimodal_key if multimodal else l4lab_key
+        if layout != "llama4":
+            per_expert = not any(key.endswith("experts.gate_up_proj") for key in all_keys)
+            tensors = _layout_tensors(config, layout, per_expert)
+            _load_layout(model, tensors, files, path, device, verify, dtype, declared)
+            _materialise_buffers(model, device)
+            return model
         checker = _WeightChecker(model, str(path))
         expected = dtype if dtype is not None else declared
         why = "" if dtype is not None or declared is None else f" ({CONFIG_NAME}'s dtype)"
@@ -691,6 +1036,34 @@ def load_pretrained(
         checker.raise_if_wrong()
     _materialise_buffers(model, device)
     return model
+
+
+def _load_layout(
+    model: Llama4,
+    tensors: dict[str, _Placement],
+    files: list[tuple[Path, set[str] | None]],
+    path: Path,
+    device: str,
+    verify: bool,
+    dtype: torch.dtype | None,
+    declared: torch.dtype | None,
+) -> None:
+    """Read a Llama/Mixtral checkpoint's shards into ``model``, converting each tensor to l4lab's layout."""
+    loader = _LayoutLoader(model, tensors, str(path))
+    expected = declared
+    for shard_path, keys in files:
+        with SafetensorsFile(shard_path, device, verify) as shard:
+            _check_index_keys(shard, keys)
+            for key in shard.keys():  # noqa: SIM118 (not a mapping)
+                placement = loader.accept(key, shard.shape(key), f" in {shard_path.name}")
+                if placement is None:
+                    continue
+                tensor = shard.get(key)
+                if loader.dtype_is_wrong(key, tensor.dtype, None if dtype is not None else expected):
+                    continue
+                expected = expected or tensor.dtype
+                loader.place(placement, tensor if dtype is None else tensor.to(dtype))
+    loader.finish()
 
 
 def _shards(state: dict[str, Tensor], max_shard_bytes: int) -> list[dict[str, Tensor]]:
@@ -725,10 +1098,17 @@ def _saved_weight_names(path: Path) -> set[str]:
 
 
 def save_pretrained(
-    model: Llama4 | Llama4Multimodal, path: str | os.PathLike, max_shard_bytes: int = 4 * 2**30
+    model: Llama4 | Llama4Multimodal,
+    path: str | os.PathLike,
+    max_shard_bytes: int = 4 * 2**30,
+    layout: str | None = None,
 ) -> None:
     """Write ``config.json`` and safetensors shards that transformers' ``Llama4ForCausalLM`` loads (or
     ``Llama4ForConditionalGeneration``, for a multimodal model).
+
+    ``layout``: "llama4" (the default, except for a Mixtral-routed model), "llama" (a dense RoPE model
+    as ``LlamaForCausalLM``, q/k rows in rotate-half order) or "mixtral" (``MixtralForCausalLM``'s hub
+    layout, one tensor per expert); :func:`check_layout` says what a layout cannot express.
 
     ``path`` is a directory (created if needed; a regular file there is refused). Only the checkpoint's
     own files are replaced: config.json, and model.safetensors or model.safetensors.index.json with its
@@ -748,11 +1128,24 @@ def save_pretrained(
             "Save the training checkpoint instead (l4lab.train), or train with another balancing method"
         )
     multimodal = isinstance(model, Llama4Multimodal)
-    key_of = multimodal_checkpoint_key if multimodal else checkpoint_key
-    state = {key_of(n): p.detach().contiguous().cpu() for n, p in model.named_parameters()}
+    layout = layout or ("mixtral" if model.config.router == "mixtral" else "llama4")
+    check_layout(model.config, layout)
+    if multimodal and layout != "llama4":
+        raise ValueError(f"a multimodal model saves as layout 'llama4' only, not {layout!r}")
+    if layout == "llama4":
+        key_of = multimodal_checkpoint_key if multimodal else checkpoint_key
+        state = {key_of(n): p.detach().contiguous().cpu() for n, p in model.named_parameters()}
+        to_config = to_transformers_multimodal_config if multimodal else to_transformers_config
+        hf_config = to_config(model.config, model.dtype)
+    else:
+        params = dict(model.named_parameters())
+        state = {
+            key: placement.from_l4lab(params[placement.name].detach()).contiguous().cpu()
+            for key, placement in _layout_tensors(model.config, layout).items()
+        }
+        hf_config = {**_layout_config(model.config, layout), "dtype": str(model.dtype).removeprefix("torch.")}
     shards = _shards(state, max_shard_bytes)
-    to_config = to_transformers_multimodal_config if multimodal else to_transformers_config
-    config_text = json.dumps(to_config(model.config, model.dtype), indent=2) + "\n"
+    config_text = json.dumps(hf_config, indent=2) + "\n"
     recorded = {CONFIG_CHECKSUM_KEY: sha256_text(config_text)}
 
     with replace_files(path) as staging:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from l4lab.cache import KVCache, LayerCache
-from l4lab.config import Config, LayerSpec, RopeScaling
+from l4lab.config import Config, LayerSpec, RopeScaling, RouterSpec, router_spec
 from l4lab.ops import EAGER, Ops, Temperature, ops_for
 
 PREFILL_BLOCK = 1024  # tokens per block of a streaming prefill (Llama4.prefill)
@@ -44,6 +44,7 @@ RECONFIGURABLE = frozenset(
         "use_qk_norm",
         "rope_theta",
         "rope_scaling",
+        "sliding_window",
     }
 )
 
@@ -161,6 +162,7 @@ class Attention(nn.Module):
             self.spec.chunk_size,
             self.temperature if self.spec.temperature_tuning else None,
             need_probs,
+            self.spec.window,
         )
         out = out.transpose(1, 2).reshape(batch, queries, self.num_heads * self.head_dim)
         return self.o_proj(out), probs
@@ -203,16 +205,19 @@ class Router(nn.Module):
     """Llama 4's router: a linear map to one logit per expert, top-k, then a sigmoid.
 
     No softmax and no renormalisation: each chosen expert's score is ``sigmoid(logit)`` on its own, and
-    the unchosen experts get exactly zero. Llama 4 uses k = 1.
+    the unchosen experts get exactly zero. Llama 4 uses k = 1. ``spec`` (``Config.router``) swaps in
+    Mixtral's softmax top-2, renormalised, or DeepSeek-V3's sigmoid top-k, renormalised and scaled
+    (:func:`l4lab.ops.route`).
 
     ``selection_bias`` [E] is DeepSeek-V3's auxiliary-loss-free balancing: it is added to the logits
-    only to CHOOSE the experts (the scores still come from the raw logits), and training nudges it
-    toward balance. It stays zero unless a trainer uses it, and published Llama 4 has none.
+    (to the scores, for the routers that choose on scores) only to CHOOSE the experts, and training
+    nudges it toward balance. It stays zero unless a trainer uses it, and published Llama 4 has none.
     """
 
-    def __init__(self, dim: int, num_experts: int, top_k: int) -> None:
+    def __init__(self, dim: int, num_experts: int, top_k: int, spec: RouterSpec | None = None) -> None:
         super().__init__()
         self.top_k = top_k
+        self.spec = spec
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
         self.register_buffer("selection_bias", torch.zeros(num_experts))
         self.ops: Ops = EAGER
@@ -220,7 +225,7 @@ class Router(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [N, D] -> (experts [N, k], scores [N, k], logits [N, E])."""
         logits = F.linear(x, self.weight)
-        experts, scores = self.ops.route(logits, self.selection_bias, self.top_k)
+        experts, scores = self.ops.route(logits, self.selection_bias, self.top_k, self.spec)
         return experts, scores, logits
 
 
@@ -231,15 +236,19 @@ class Experts(nn.Module):
     used as ``x @ W``. Dispatch is sparse: an expert multiplies only the tokens routed to it.
     """
 
-    def __init__(self, num_experts: int, dim: int, hidden: int) -> None:
+    def __init__(self, num_experts: int, dim: int, hidden: int, scale_output: bool = False) -> None:
         super().__init__()
+        self.scale_output = scale_output
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.ops: Ops = EAGER
 
     def forward(self, x: Tensor, experts: Tensor, scores: Tensor, shared: Tensor | None = None) -> Tensor:
-        """Tokens x [N, D] through their chosen experts, plus ``shared`` [N, D] if given."""
-        return self.ops.routed_experts(x, experts, scores, self.gate_up_proj, self.down_proj, shared)
+        """Tokens x [N, D] through their chosen experts, plus ``shared`` [N, D] if given; each score
+        scales its expert's input (Llama 4) or, with ``scale_output``, its output (Mixtral, DeepSeek)."""
+        return self.ops.routed_experts(
+            x, experts, scores, self.gate_up_proj, self.down_proj, shared, self.scale_output
+        )
 
 
 class MoE(nn.Module):
@@ -247,20 +256,28 @@ class MoE(nn.Module):
 
     Every token passes through the shared expert and through its top-k routed experts, so a token's
     compute is that of k + 1 small SwiGLUs whatever the number of experts: total parameters grow with
-    experts, active parameters do not.
+    experts, active parameters do not. Mixtral has no shared expert and scales the outputs:
+    ``out = sum_chosen score_e * expert_e(x)`` (the layer's :class:`~l4lab.config.RouterSpec`).
     """
 
-    def __init__(self, config: Config, layer: int) -> None:
+    def __init__(self, config: Config, layer: int, router: RouterSpec | None = None) -> None:
+        """``router``: the layer's spec (``LayerSpec.router``); by default the config's choice."""
         super().__init__()
+        router = router or router_spec(config.router, config.routed_scaling_factor)
         self.layer = layer
-        self.router = Router(config.hidden_size, config.num_experts, config.top_k)
-        self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
-        self.shared_expert = SwiGLU(config.hidden_size, config.moe_intermediate_size)
+        self.router = Router(config.hidden_size, config.num_experts, config.top_k, router)
+        self.experts = Experts(
+            config.num_experts, config.hidden_size, config.moe_intermediate_size, router.scale == "output"
+        )
+        self.shared_expert = (
+            SwiGLU(config.hidden_size, config.moe_intermediate_size) if router.shared_expert else None
+        )
 
     def forward(self, x: Tensor) -> tuple[Tensor, RoutingRecord]:
         tokens = x.reshape(-1, x.shape[-1])  # [B*T, D]
         experts, scores, logits = self.router(tokens)
-        out = self.experts(tokens, experts, scores, shared=self.shared_expert(tokens))
+        shared = self.shared_expert(tokens) if self.shared_expert is not None else None
+        out = self.experts(tokens, experts, scores, shared=shared)
         batch_time = x.shape[:-1]
         record = RoutingRecord(
             self.layer,
@@ -282,7 +299,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config, spec)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.feed_forward: MoE | SwiGLU = (
-            MoE(config, spec.index)
+            MoE(config, spec.index, spec.router)
             if spec.moe
             else SwiGLU(config.hidden_size, config.dense_intermediate_size)
         )
@@ -371,14 +388,15 @@ class Llama4(nn.Module):
             layer.self_attn.temperature = Temperature(config.floor_scale, config.attn_scale)
         self.config = config
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write a checkpoint directory that transformers' ``Llama4ForCausalLM`` loads (``l4lab.interop``).
+    def save_pretrained(self, path: str | os.PathLike, layout: str | None = None) -> None:
+        """Write a checkpoint directory that transformers' ``Llama4ForCausalLM`` loads (``l4lab.interop``);
+        ``layout="llama"`` or ``"mixtral"`` writes one for ``LlamaForCausalLM`` or ``MixtralForCausalLM``.
 
         Only the checkpoint's own files in ``path`` are replaced, all at once; other files there stay.
         """
         from l4lab.interop import save_pretrained
 
-        save_pretrained(self, path)
+        save_pretrained(self, path, layout=layout)
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.layer_plan())

@@ -12,9 +12,13 @@ is tested against.
 ``swiglu``                ``silu(gate) * up``
 ``attention``             softmax(q k^T / sqrt(d)) v under a causal or chunked-causal mask, with the
                           NoPE temperature applied to q by absolute position
-``route``                 choose each token's top-k experts and score them with a sigmoid
+``route``                 choose each token's top-k experts and score them (Llama 4: a sigmoid;
+                          Mixtral and DeepSeek-V3 variants through ``router``)
 ``routed_experts``        send each token to its chosen experts only, scaled by its router score
 ========================  =====================================================================
+
+The fused backend implements Llama 4's choices only; ``Config.validate`` refuses the fused backend
+with the Mixtral and DeepSeek-V3 routers and with a sliding window, and the kernels refuse them too.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from l4lab.config import RouterSpec
 
 
 # ---------------------------------------------------------------------- normalisation
@@ -72,16 +78,31 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
-def route(logits: Tensor, selection_bias: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
-    """Llama 4's router decision from ``logits`` [N, E]: (experts [N, k] int64, scores [N, k]).
+def route(
+    logits: Tensor, selection_bias: Tensor, top_k: int, router: RouterSpec | None = None
+) -> tuple[Tensor, Tensor]:
+    """The router's decision from ``logits`` [N, E]: (experts [N, k] int64, scores [N, k]).
 
-    The experts are the top k of ``logits + selection_bias`` (the bias, zero in published Llama 4, is
-    DeepSeek-V3's auxiliary-loss-free balancing and only CHOOSES); each score is ``sigmoid`` of the raw
-    logit of its expert, on its own: no softmax, no renormalisation, unchosen experts get nothing.
+    Llama 4 (``router`` None or kind "llama4"): the experts are the top k of ``logits + selection_bias``
+    (the bias, zero in published Llama 4, is DeepSeek-V3's auxiliary-loss-free balancing and only
+    CHOOSES); each score is ``sigmoid`` of the raw logit of its expert, on its own: no softmax, no
+    renormalisation, unchosen experts get nothing.
+
+    Other routers (:class:`l4lab.config.RouterSpec`), in float32 as transformers computes them:
+    scores ``softmax(logits)`` (Mixtral) or ``sigmoid(logits)`` (DeepSeek-V3) over ALL experts; the top
+    k of ``scores + selection_bias``; the chosen scores divided by their sum (``+ 1e-20``, DeepSeek's
+    guard) and multiplied by ``routed_scaling_factor``.
     """
-    experts = (logits + selection_bias).topk(top_k, dim=-1).indices
-    scores = torch.sigmoid(logits.gather(-1, experts).float()).to(logits.dtype)
-    return experts, scores
+    if router is None or router.select_on == "logits":
+        experts = (logits + selection_bias).topk(top_k, dim=-1).indices
+        scores = torch.sigmoid(logits.gather(-1, experts).float()).to(logits.dtype)
+        return experts, scores
+    probs = logits.float().softmax(-1) if router.scoring == "softmax" else torch.sigmoid(logits.float())
+    experts = (probs + selection_bias).topk(top_k, dim=-1).indices
+    chosen = probs.gather(-1, experts)
+    if router.renormalise:
+        chosen = chosen / (chosen.sum(-1, keepdim=True) + (1e-20 if router.scoring == "sigmoid" else 0.0))
+    return experts, (chosen * router.routed_scaling_factor).to(logits.dtype)
 
 
 def routed_experts(
@@ -91,6 +112,7 @@ def routed_experts(
     gate_up: Tensor,
     down: Tensor,
     shared: Tensor | None = None,
+    scale_output: bool = False,
 ) -> Tensor:
     """Sparse mixture-of-experts dispatch.
 
@@ -103,6 +125,7 @@ def routed_experts(
     The score scales the expert's INPUT (Llama 4's choice; SwiGLU is not linear, so it is not the same as
     scaling the output). ``shared`` [N, D], if given, is the shared expert's output, added to the result
     (the fused kernel adds it as it writes, instead of reading and writing a second [N, D] tensor).
+    ``scale_output``: Mixtral's and DeepSeek-V3's choice instead, ``y_n = sum_j s_nj * expert(x_n)``.
     Tokens are sorted by expert so that each expert multiplies only its own rows: cost grows with k,
     not with the number of experts.
     """
@@ -110,7 +133,10 @@ def routed_experts(
     flat_experts = expert_ids.reshape(-1)  # slot s holds token s // k's (s % k)-th choice
     order = torch.argsort(flat_experts, stable=True)  # slots grouped by expert
     rows_per_expert = torch.bincount(flat_experts, minlength=gate_up.shape[0]).tolist()
-    sorted_inputs = x.index_select(0, order // top_k) * scores.reshape(-1, 1).index_select(0, order)
+    sorted_scores = scores.reshape(-1, 1).index_select(0, order)
+    sorted_inputs = x.index_select(0, order // top_k)
+    if not scale_output:
+        sorted_inputs = sorted_inputs * sorted_scores
 
     outputs = []
     for expert, rows in enumerate(sorted_inputs.split(rows_per_expert)):
@@ -119,6 +145,8 @@ def routed_experts(
         gate, up = (rows @ gate_up[expert]).chunk(2, dim=-1)
         outputs.append(swiglu(gate, up) @ down[expert])
     sorted_outputs = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    if scale_output:
+        sorted_outputs = sorted_outputs * sorted_scores
     slot_outputs = sorted_outputs.index_select(0, torch.argsort(order))  # back to slot order
     # one slot per token: slot order is token order
     out = slot_outputs if top_k == 1 else slot_outputs.view(num_tokens, top_k, -1).sum(dim=1)
@@ -152,18 +180,23 @@ def visibility_mask(
     num_keys: int,
     chunk_size: int | None,
     device: torch.device | str | None = None,
+    window: int | None = None,
 ) -> Tensor:
     """Which keys each query may see, as a bool [num_queries, num_keys] (True = visible).
 
     Causal: key position j <= query position i. Chunked (Llama 4's RoPE layers): additionally
     ``j // C == i // C``: the sequence is cut into blocks of C tokens and no query looks outside its
     block. This is block-diagonal, not a sliding window: the first token of a chunk sees only itself.
+    Sliding window (Mistral, Mixtral when configured): additionally ``j > i - window``: every query
+    sees itself and the ``window - 1`` keys before it.
     """
     i = torch.arange(query_start, query_start + num_queries, device=device)[:, None]
     j = torch.arange(key_start, key_start + num_keys, device=device)[None, :]
     visible = j <= i
     if chunk_size is not None:
         visible = visible & (j // chunk_size == i // chunk_size)
+    if window is not None:
+        visible = visible & (j > i - window)
     return visible
 
 
@@ -201,12 +234,14 @@ def attention(
     chunk_size: int | None,
     temperature: Temperature | None,
     need_probs: bool,
+    window: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Grouped-query attention over queries [B, H, Tq, D] and keys/values [B, Hkv, Tk, D].
 
     Queries sit at absolute positions ``query_start ...``, keys at ``key_start ...`` (a KV cache puts
     keys before the queries). Query head h reads key/value head ``h // (H / Hkv)``. The scale is
     ``D ** -0.5`` on every layer; NoPE layers also multiply q by the temperature of its position.
+    ``window``: a sliding window (see :func:`visibility_mask`), under an explicit mask.
 
     Returns the output [B, H, Tq, D] and, when ``need_probs``, the attention probabilities
     [B, H, Tq, Tk] (computed explicitly; otherwise a fused SDPA kernel runs and nothing extra is kept).
@@ -219,12 +254,15 @@ def attention(
     if need_probs:
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        mask = visibility_mask(query_start, num_queries, key_start, num_keys, chunk_size, q.device)
+        mask = visibility_mask(query_start, num_queries, key_start, num_keys, chunk_size, q.device, window)
         logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
         probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
         return probs @ v, probs
 
     last_query = query_start + num_queries - 1
+    if window is not None and last_query - key_start >= window:  # some key falls out of the window
+        mask = visibility_mask(query_start, num_queries, key_start, num_keys, None, q.device, window)
+        return _sdpa(q, k, v, mask, causal=False), None
     one_chunk = chunk_size is None or key_start // chunk_size == last_query // chunk_size
     aligned = key_start == query_start
     if aligned and one_chunk:
@@ -247,7 +285,7 @@ class Ops:
     rope_qk_norm: Callable[[Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]]
     swiglu: Callable[[Tensor, Tensor], Tensor]
     attention: Callable[..., tuple[Tensor, Tensor | None]]
-    route: Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]
+    route: Callable[..., tuple[Tensor, Tensor]]
     routed_experts: Callable[..., Tensor]
 
 

@@ -1,10 +1,15 @@
-"""Training tiny Llama 4s on the CPU: AdamW, warm-up + cosine, clipping, MoE balancing, exact resume.
+"""Training tiny Llama 4s on the CPU: AdamW, warm-up + cosine, clipping, MoE balancing, distillation,
+exact resume.
 
 One optimisation step::
 
     logits  = model(batch[:, :-1])
     loss    = cross_entropy(logits, batch[:, 1:])          (only where the dataset's loss_mask says)
-            + switch_coef * switch_loss                     (balance = "switch")
+    with a teacher (distillation, as Meta distilled Scout and Maverick from Behemoth):
+    loss    = w * T^2 * KL(teacher_T || student_T) + (1 - w) * loss
+              (softmax at temperature T; w fixed, or moved linearly from distill_weight to
+              distill_weight_end over the run)
+    loss   += switch_coef * switch_loss                     (balance = "switch")
             + z_loss_coef * router_z_loss                   (any balance, when the coefficient is > 0)
     clip the gradient norm, AdamW step at the scheduled learning rate
     nudge each router's selection bias toward balance     (balance = "aux_free")
@@ -73,6 +78,10 @@ class TrainConfig:
     z_loss_coef: float = 0.0  # router z-loss (ST-MoE uses 1e-3)
     bias_rate: float = 1e-3  # the aux-free bias step (gamma)
     seed: int = 0
+    # distillation (used only when the Trainer has a teacher): weight of the soft-target term
+    distill_weight: float = 0.5
+    distill_weight_end: float | None = None  # a linear schedule to this weight at the last step
+    distill_temperature: float = 2.0
     # only the last token is scored (induction heads, pass keys): the last layer computes that row only
     last_token_only: bool = False
 
@@ -90,6 +99,15 @@ class TrainConfig:
         if self.warmup_steps < 0 or not self.lr > 0:
             raise ValueError(
                 f"TrainConfig needs lr > 0 and warmup_steps >= 0; got {self.lr}, {self.warmup_steps}"
+            )
+        for name in ("distill_weight", "distill_weight_end"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise ValueError(f"TrainConfig.{name} = {value!r} is not allowed: a number in [0, 1]")
+        temperature = self.distill_temperature
+        if not (isinstance(temperature, (int, float)) and 0.0 < temperature < math.inf):
+            raise ValueError(
+                f"TrainConfig.distill_temperature = {temperature!r} is not allowed: a positive number"
             )
 
 
@@ -112,8 +130,37 @@ def language_model_loss(logits: Tensor, batch: TokenDataset) -> Tensor:
     return (losses * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def distillation_weight(step: int, config: TrainConfig) -> float:
+    """The soft-target weight at ``step`` (0-based): ``distill_weight``, or a straight line from it to
+    ``distill_weight_end`` at the last step (e.g. 0.9 -> 0.1: lean on the teacher early, on the data
+    late; Meta says only that Llama 4 weighted soft and hard targets dynamically)."""
+    if config.distill_weight_end is None:
+        return config.distill_weight
+    progress = min(1.0, step / max(1, config.steps - 1))
+    return config.distill_weight + (config.distill_weight_end - config.distill_weight) * progress
+
+
+def distillation_loss(
+    student_logits: Tensor, teacher_logits: Tensor, batch: TokenDataset, temperature: float
+) -> Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` per predicted token, masked like the
+    cross-entropy (Hinton et al. 2015: the ``T^2`` keeps the soft term's gradients at the scale of the
+    hard one's as T changes). Logits [B, T-1, V]; the teacher's carry no gradient."""
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    per_token = (teacher.exp() * (teacher - student)).sum(-1) * temperature**2  # [B, T-1]
+    if batch.loss_mask is None:
+        return per_token.mean()
+    mask = batch.loss_mask[:, 1:].to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
 class Trainer:
-    """Trains ``model`` on ``train_data``; ``run()`` returns the history, one dict per step."""
+    """Trains ``model`` on ``train_data``; ``run()`` returns the history, one dict per step.
+
+    With a ``teacher`` (a model over the same vocabulary, kept frozen), the loss mixes the teacher's
+    soft targets with the data's hard ones (:func:`distillation_loss`, :func:`distillation_weight`).
+    """
 
     def __init__(
         self,
@@ -121,7 +168,17 @@ class Trainer:
         train_data: TokenDataset,
         val_data: TokenDataset | None = None,
         config: TrainConfig | None = None,
+        teacher: Llama4 | None = None,
     ) -> None:
+        if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
+            raise ValueError(
+                f"the teacher's vocabulary ({teacher.config.vocab_size} ids) differs from the student's "
+                f"({model.config.vocab_size}): distillation compares their distributions token by token, "
+                "so both must use the same tokenizer"
+            )
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
         self.model = model
         self.train_data, self.val_data = train_data, val_data
         self.config = config or TrainConfig()
@@ -164,7 +221,16 @@ class Trainer:
         else:
             lm_loss = language_model_loss(out.logits, batch)
         switch, z_loss = self.balance_terms(out.routing, lm_loss)
-        loss = lm_loss + config.z_loss_coef * z_loss
+        loss = lm_loss
+        distilled = {}
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(batch.tokens[:, :-1]).logits
+            soft = distillation_loss(out.logits, teacher_logits, batch, config.distill_temperature)
+            weight = distillation_weight(self.step_count, config)
+            loss = weight * soft + (1.0 - weight) * lm_loss
+            distilled = {"distill_loss": float(soft.detach()), "distill_weight": weight}
+        loss = loss + config.z_loss_coef * z_loss
         if config.balance == "switch":
             loss = loss + config.switch_coef * switch
 
@@ -188,6 +254,7 @@ class Trainer:
             "z_loss": float(z_loss.detach()),
             "lr": lr,
             "grad_norm": float(grad_norm),
+            **distilled,
         }
         if self.step_count % config.eval_every == 0 or self.step_count == config.steps:
             val = self.evaluate()
@@ -285,9 +352,14 @@ class Trainer:
 
     @classmethod
     def resume(
-        cls, path: str | Path, train_data: TokenDataset, val_data: TokenDataset | None = None
+        cls,
+        path: str | Path,
+        train_data: TokenDataset,
+        val_data: TokenDataset | None = None,
+        teacher: Llama4 | None = None,
     ) -> Trainer:
-        """Rebuild model, optimiser, schedule and batch stream from a checkpoint written by ``save``.
+        """Rebuild model, optimiser, schedule and batch stream from a checkpoint written by ``save``
+        (a distilled run needs its ``teacher`` again: the checkpoint holds the student only).
 
         Every problem with the checkpoint is a ValueError or FileNotFoundError naming the file.
         """
@@ -299,7 +371,7 @@ class Trainer:
                 train_config = TrainConfig(**state["train_config"])
             except (TypeError, ValueError) as error:
                 raise ValueError(f"{path / 'state.json'}: train_config: {error}") from None
-            trainer = cls(model, train_data, val_data, train_config)
+            trainer = cls(model, train_data, val_data, train_config, teacher)
             _load_moments(trainer, path)
         trainer.step_count = state["step"]
         trainer.history = state["history"]

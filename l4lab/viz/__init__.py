@@ -24,13 +24,17 @@ kernels                            :func:`attention_tiles_figure`, :func:`moe_ti
                                    :func:`benchmark_figure` (numbers: :func:`benchmark_rows`)
 multimodal                         :func:`tiles_figure`, :func:`patches_figure`, :func:`parameters_figure`
                                    (numbers: :func:`parameter_parts`; text: :func:`layout_summary`)
+the herd and its rivals            :func:`family_table_figure`, :func:`toggle_steps_figure`,
+                                   :func:`router_comparison_figure`, :func:`same_expert_figure`,
+                                   :func:`distillation_figure`
 =================================  ==================================================================
 
 Modules: ``common`` (template, colours, layout helpers), ``routing``, ``attention``,
 ``long_context``, ``models`` (parameters and training), ``experiments`` (seeds, timings),
-``architecture``, ``kernels``, ``multimodal``: one module per topic of the table above. Everything
-public is re-exported here, so ``viz.expert_load_figure`` is ``viz.routing.expert_load_figure``. A new
-figure goes into the module of its topic (or a new module) and gets a line in the table.
+``architecture``, ``kernels``, ``multimodal``, ``herd``: one module per topic of the table above.
+Everything public is re-exported here, so ``viz.expert_load_figure`` is
+``viz.routing.expert_load_figure``. A new figure goes into the module of its topic (or a new module)
+and gets a line in the table.
 """
 
 from __future__ import annotations
@@ -51,6 +55,15 @@ from l4lab.viz.common import (
     layer_label,
 )
 from l4lab.viz.experiments import decode_time_figure, seed_spread_figure, seed_statistics
+from l4lab.viz.herd import (
+    MIXTRAL_CHANCE,
+    MIXTRAL_SAME_EXPERT,
+    distillation_figure,
+    family_table_figure,
+    router_comparison_figure,
+    same_expert_figure,
+    toggle_steps_figure,
+)
 from l4lab.viz.kernels import (
     TILE_COLOURS,
     TILE_KINDS,
@@ -88,6 +101,8 @@ __all__ = [
     "COLOURS",
     "FONT",
     "KIND_COLOURS",
+    "MIXTRAL_CHANCE",
+    "MIXTRAL_SAME_EXPERT",
     "ROUTING_REFERENCES",
     "TEMPLATE",
     "TILE_COLOURS",
@@ -102,8 +117,10 @@ __all__ = [
     "benchmark_rows",
     "decode_time_figure",
     "decoder_layer_figure",
+    "distillation_figure",
     "expert_colours",
     "expert_load_figure",
+    "family_table_figure",
     "kv_cache_figure",
     "kv_cache_memory",
     "layer_label",
@@ -118,7 +135,9 @@ __all__ = [
     "parameters_figure",
     "patches_figure",
     "prefill_cost_figure",
+    "router_comparison_figure",
     "routing_stats_table",
+    "same_expert_figure",
     "seed_spread_figure",
     "seed_statistics",
     "specialisation_figure",
@@ -126,5 +145,6 @@ __all__ = [
     "temperature_figure",
     "tile_pictures",
     "tiles_figure",
+    "toggle_steps_figure",
     "token_expert_figure",
 ]

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import plotly.graph_objects as go
 
-from l4lab.config import Config, count_params
+from l4lab.config import Config, count_params, router_spec
 from l4lab.viz.common import (
     COLOURS,
     count_label,
@@ -27,7 +27,8 @@ def parameter_table(configs: Mapping[str, Config]) -> go.Figure:
         if config.ffn == "dense":
             experts = "dense"
         else:
-            experts = f"{config.num_experts} routed + 1 shared, top-{config.top_k}"
+            shared = " + 1 shared" if router_spec(config.router).shared_expert else ""
+            experts = f"{config.num_experts} routed{shared}, top-{config.top_k}"
             if config.moe_layer_step > 1:
                 experts += f", MoE in 1 of {config.moe_layer_step} layers"
         row = [
