@@ -15,6 +15,7 @@ from l4lab.config import (
 from l4lab.images import ImageProcessor, ProcessedImages, image_prompt
 from l4lab.interop import config_from_transformers, from_transformers, load_pretrained, to_transformers_config
 from l4lab.model import Llama4, Llama4Output, RoutingRecord
+from l4lab.planner import plan
 from l4lab.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from l4lab.vision import Llama4Multimodal
 
@@ -41,6 +42,7 @@ __all__ = [
     "image_prompt",
     "load_pretrained",
     "load_tokenizer",
+    "plan",
     "preset",
     "preset_names",
     "routing",

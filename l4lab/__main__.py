@@ -65,13 +65,11 @@ from typing import Any
 
 import plotly.graph_objects as go
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from l4lab import classroom, viz
 from l4lab.config import POSITION_CHOICES, count_params, preset, preset_names
 from l4lab.data import DOMAINS, TokenDataset, corpus_dataset, induction_heads, mixture
-from l4lab.distributed import ExpertParallelTrainer, check_divisible, full_model, init_process_group
 from l4lab.induction import InductionSetup, run_induction
 from l4lab.interop import load_pretrained
 from l4lab.model import Llama4, Llama4Output
@@ -388,6 +386,8 @@ def train(
         raise ValueError("distillation (a teacher) runs in one process: drop expert_parallel or the teacher")
     trainer = Trainer(model, train_data, val_data, train_config, teacher_model)
     if expert_parallel:
+        from l4lab.distributed import ExpertParallelTrainer  # torch.distributed's modules: seconds to import
+
         trainer = ExpertParallelTrainer.from_trainer(trainer)
     run = {
         "preset": preset_name,
@@ -435,6 +435,8 @@ def resume(
     teacher = load_teacher(run["teacher"]) if run.get("teacher") is not None else None
     trainer = Trainer.resume(checkpoint, train_data, val_data, teacher)
     if expert_parallel:
+        from l4lab.distributed import ExpertParallelTrainer
+
         if run["minutes"] is not None and trainer.step_count < min(CALIBRATION_STEPS, trainer.config.steps):
             raise ValueError(
                 f"{checkpoint} is a time-limited run stopped before its schedule was fitted; continue it "
@@ -465,7 +467,7 @@ def _train_and_report(
     checkpoint = out / "checkpoint"
     first_step = trainer.step_count
 
-    parallel = isinstance(trainer, ExpertParallelTrainer)
+    parallel = hasattr(trainer, "agree")  # an l4lab.distributed.ExpertParallelTrainer
 
     def stop_asked() -> bool:
         asked = stop is not None and stop()
@@ -484,6 +486,8 @@ def _train_and_report(
     trainer.save(checkpoint, metadata=run)
     model = trainer.model
     if parallel:  # rank 0 writes the rest, with the whole model gathered from the ranks
+        from l4lab.distributed import full_model
+
         model = full_model(trainer.model)
         if trainer.rank:
             if stop_asked():
@@ -923,6 +927,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     out = args.out if args.out is not None else Path("runs") / f"{settings['preset']}-{settings['task']}"
     if args.expert_parallel is not None:
+        from l4lab.distributed import check_divisible, init_process_group
+
         if settings["teacher"] is not None:
             parser.error("--teacher distils in one process: drop --expert-parallel or --teacher")
         if args.minutes:
@@ -950,8 +956,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run_train(parser, args, settings, out)
     finally:
-        if args.expert_parallel is not None and dist.is_initialized():
-            dist.destroy_process_group()
+        if args.expert_parallel is not None and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _run_train(

@@ -25,10 +25,15 @@ every rank's loss its SHARE of the global loss (``sum of its token losses / toke
 batch``): summed over the ranks the gradients are exactly those of the single-process step, and the
 router's balancing (aux-free bias, Switch loss) reads the load of the global batch.
 
+With ``data_parallel = D`` the ranks form a 2-D DeviceMesh (D replicas x N / D expert-parallel ranks) and
+FSDP2 (``fully_shard``) shards every parameter but the experts over all of them.
+
 Checkpoints: :meth:`ExpertParallelTrainer.save` gathers the single-process checkpoint (any N, or one
 process, resumes it); :func:`save_sharded` / :func:`load_sharded` use ``torch.distributed.checkpoint``
 so that no rank ever holds every expert, and resume under another N; :func:`export_pretrained` writes the
-checkpoint that ``load_pretrained`` and transformers read.
+checkpoint that ``load_pretrained`` and transformers read; :func:`load_pretrained_expert_parallel` reads
+a published checkpoint's shards, each rank only its experts' rows. :func:`trace_expert_parallel`
+records what travels where (notebook 10).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +54,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import Tensor, nn
-from torch.distributed import checkpoint as dcp
-from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
-from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.nn import functional as autograd_collectives
 from torch.distributed.tensor import DTensor, Shard
 
@@ -163,6 +167,8 @@ class ExpertParallelExperts(nn.Module):
         self.down_proj = nn.Parameter(full.down_proj.detach()[mine].clone())
         self.ops: Ops = getattr(full, "ops", EAGER)
         self.last_counts: Tensor | None = None  # [N, num_local]: slots each rank sent to my experts
+        # when a list: each forward appends (seconds in the all-to-alls, seconds in the local experts)
+        self.timings: list[tuple[float, float]] | None = None
 
     def forward(self, x: Tensor, experts: Tensor, scores: Tensor, shared: Tensor | None = None) -> Tensor:
         """Tokens x [T, D] through their chosen experts wherever they live, plus ``shared`` [T, D]."""
@@ -176,6 +182,7 @@ class ExpertParallelExperts(nn.Module):
         sent_per_expert = torch.bincount(slots, minlength=self.num_experts)  # [E]
 
         # 2. counts first (each rank must know how many rows will arrive from whom), then the tokens
+        started = time.perf_counter()
         received_per_expert = torch.empty_like(sent_per_expert)
         dist.all_to_all_single(received_per_expert, sent_per_expert, group=self.group)
         received_per_expert = received_per_expert.view(ranks, local)  # [source rank, my expert]
@@ -185,6 +192,7 @@ class ExpertParallelExperts(nn.Module):
         payload = torch.cat([x.index_select(0, order // top_k), scores.reshape(-1, 1)[order]], dim=1)
         arrived = all_to_all(payload, receive_splits, send_splits, self.group)
         tokens, token_scores = arrived[:, :-1], arrived[:, -1:]
+        exchanged = time.perf_counter()
 
         # 3. the local experts: rows arrive by source rank, then by expert within each block
         local_ids = torch.arange(local, device=x.device).repeat(ranks)
@@ -197,7 +205,12 @@ class ExpertParallelExperts(nn.Module):
             results = tokens * 0
 
         # 4. back to the ranks the rows came from, then each slot back to its token
+        computed = time.perf_counter()
         returned = all_to_all(results, send_splits, receive_splits, self.group)
+        if self.timings is not None:
+            self.timings.append(
+                ((exchanged - started) + (time.perf_counter() - computed), computed - exchanged)
+            )
         per_slot = returned.index_select(0, torch.argsort(order))  # the combine permutation
         out = per_slot if top_k == 1 else per_slot.view(num_tokens, top_k, -1).sum(dim=1)
         return out if shared is None else out + shared
@@ -242,7 +255,12 @@ def full_state_dict(model: Llama4) -> dict[str, Tensor]:
     state = {}
     for name, tensor in model.state_dict().items():
         owner = name.rpartition(".")[0]
-        state[name] = gather_experts(tensor, experts[owner].group) if owner in experts else tensor.detach()
+        if isinstance(tensor, DTensor):  # sharded by FSDP2
+            state[name] = tensor.full_tensor().detach()
+        elif owner in experts:
+            state[name] = gather_experts(tensor, experts[owner].group)
+        else:
+            state[name] = tensor.detach()
     return state
 
 
@@ -254,44 +272,84 @@ def full_model(model: Llama4) -> Llama4:
 
 
 # ---------------------------------------------------------------------- training
-def _sum_over_ranks(tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
+def _sum_over_ranks(tensor: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """``tensor`` summed in place over ``group`` (default: all ranks), and returned."""
     dist.all_reduce(tensor, group=group)
     return tensor
 
 
+def shard_replicated(model: Llama4, mesh: DeviceMesh) -> Llama4:
+    """FSDP2 on every parameter but the routed experts: each decoder layer, then the rest, sharded over
+    ``mesh``; their gradients are SUMMED over the ranks (each rank's loss is its share of the global
+    loss), with sum-only collectives (gloo has no pre-multiplied sum)."""
+    from torch.distributed.fsdp import fully_shard  # seconds to import: only for FSDP2 runs
+
+    experts = {p for name, p in model.named_parameters() if is_expert_parameter(name)}
+    for module in [*model.layers, model]:
+        fully_shard(module, mesh=mesh, ignored_params=experts)
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
 class ExpertParallelTrainer(Trainer):
-    """:class:`l4lab.train.Trainer` over the ranks of a group: the same steps as one process would take.
+    """:class:`l4lab.train.Trainer` over all the launched ranks: the same steps as one process would take.
 
     Each rank draws the same global batch (same sampler, same seed), keeps its block of
-    ``batch_size / N`` rows and computes its share of every loss term. After backward the replicated
-    parameters' gradients are summed over the ranks (each rank's experts already received the gradients
-    of every token they processed, through the all-to-alls); the gradient norm for clipping is the
-    global one; the aux-free bias steps use the load of the global batch, so every rank's biases stay
-    equal. Build one from a single-process trainer with :meth:`from_trainer`.
+    ``batch_size / world_size`` rows and computes its share of every loss term. After backward the
+    replicated parameters' gradients are summed over the ranks (each rank's experts already received
+    the gradients of every token they processed, through the all-to-alls); the gradient norm for
+    clipping is the global one; the aux-free bias steps use the load of the global batch, so every
+    rank's biases stay equal. Build one from a single-process trainer with :meth:`from_trainer`.
+
+    With ``data_parallel = D > 1`` the ranks form a 2-D DeviceMesh of D data-parallel replicas x
+    ``world_size / D`` expert-parallel ranks: the experts are split over the expert-parallel dimension
+    (and their gradients summed over the D replicas), while FSDP2 (``fully_shard``) shards every other
+    parameter over all the ranks and sums their gradients with its reduce-scatter.
     """
 
-    group: dist.ProcessGroup
+    group: dist.ProcessGroup  # the expert-parallel ranks (all of them without data parallelism)
+    data_group: dist.ProcessGroup | None  # the data-parallel replicas of this rank's experts
+    fsdp: bool
 
     @classmethod
-    def from_trainer(cls, trainer: Trainer, group: dist.ProcessGroup | None = None) -> ExpertParallelTrainer:
-        """Shard ``trainer``'s model and optimiser moments over ``group``; keep its step, history, sampler.
+    def from_trainer(cls, trainer: Trainer, data_parallel: int = 1) -> ExpertParallelTrainer:
+        """Shard ``trainer``'s model and optimiser moments over the ranks; keep its step, history, sampler.
 
         ``trainer`` is the same on every rank (built with the same seed, or resumed from the same
         checkpoint), so a fresh run and a resumed one start exactly where one process would.
+        ``data_parallel``: see the class; FSDP2 runs start from a trainer that has not stepped yet.
         """
-        group = group or dist.group.WORLD
-        ranks = dist.get_world_size(group)
-        check_divisible(trainer.model.config.num_experts, ranks)
-        if trainer.config.batch_size % ranks:
+        world = dist.get_world_size()
+        if data_parallel < 1 or world % data_parallel:
             raise ValueError(
-                f"batch_size = {trainer.config.batch_size} cannot be split into {ranks} equal blocks of "
-                f"rows: use a multiple of {ranks}"
+                f"data_parallel = {data_parallel} does not divide the {world} ranks into replicas: use one "
+                f"of {[d for d in range(1, world + 1) if world % d == 0]}"
             )
-        full_params = dict(trainer.model.named_parameters())
-        moments = {name: trainer.optimizer.state.get(p, {}) for name, p in full_params.items()}
+        check_divisible(trainer.model.config.num_experts, world // data_parallel)
+        if trainer.config.batch_size % world:
+            raise ValueError(
+                f"batch_size = {trainer.config.batch_size} cannot be split into {world} equal blocks of "
+                f"rows: use a multiple of {world}"
+            )
+        if data_parallel > 1 and trainer.optimizer.state:
+            raise ValueError(
+                "FSDP2 (data_parallel > 1) starts from a trainer that has not stepped yet; resume a run "
+                "under expert parallelism alone (data_parallel = 1)"
+            )
+        group, data_group = dist.group.WORLD, None
+        if data_parallel > 1:
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            mesh = init_device_mesh(
+                device, (data_parallel, world // data_parallel), mesh_dim_names=("dp", "ep")
+            )
+            group, data_group = mesh.get_group("ep"), mesh.get_group("dp")
+        moments = {name: trainer.optimizer.state.get(p, {}) for name, p in trainer.model.named_parameters()}
         model = shard_experts(trainer.model, group)
+        if data_parallel > 1:
+            shard_replicated(model, device_mesh(dist.group.WORLD))
         sharded = cls(model, trainer.train_data, trainer.val_data, trainer.config)
-        sharded.group = group
+        sharded.group, sharded.data_group, sharded.fsdp = group, data_group, data_parallel > 1
         for name, param in model.named_parameters():
             state = moments[name]
             if state and is_expert_parameter(name):
@@ -308,11 +366,13 @@ class ExpertParallelTrainer(Trainer):
 
     @property
     def rank(self) -> int:
-        return dist.get_rank(self.group)
+        """This process's rank among all the ranks."""
+        return dist.get_rank()
 
     @property
     def world_size(self) -> int:
-        return dist.get_world_size(self.group)
+        """The number of ranks, which split each global batch between them."""
+        return dist.get_world_size()
 
     def my_rows(self, batch: TokenDataset) -> TokenDataset:
         """This rank's block of the global batch's rows."""
@@ -336,7 +396,7 @@ class ExpertParallelTrainer(Trainer):
         else:
             mask = mine.loss_mask[:, 1:].reshape(-1).to(losses.dtype)
             losses, weight = losses * mask, mask.sum().detach().cpu()
-        weight = _sum_over_ranks(weight.to(logits.device), self.group).clamp(min=1.0)
+        weight = _sum_over_ranks(weight.to(logits.device)).clamp(min=1.0)
         lm_share = losses.sum() / weight
         zero = logits.new_zeros(())
         if not out.routing:
@@ -354,30 +414,44 @@ class ExpertParallelTrainer(Trainer):
     def global_load(self, record: RoutingRecord, num_experts: int) -> Tensor:
         """The fraction of the GLOBAL batch's slots routed to each expert [E] (a collective)."""
         counts = torch.bincount(record.experts.reshape(-1), minlength=num_experts).to(torch.float64)
-        counts = _sum_over_ranks(counts, self.group)
+        counts = _sum_over_ranks(counts)
         return (counts / counts.sum().clamp_min(1)).float()
 
     def synchronise_gradients(self) -> None:
-        """Sum the replicated parameters' gradients over the ranks; give unused experts a zero gradient.
+        """Sum the gradients over the ranks that computed parts of them; zeros for unused experts.
 
-        An expert that no token of the global batch chose has a zero gradient in the single-process
+        Replicated parameters: summed over all ranks (FSDP2's reduce-scatter does it for sharded ones).
+        Experts: already complete within the expert-parallel group; summed over the data-parallel
+        replicas. An expert that no token of the batch chose has a zero gradient in the single-process
         model (and AdamW still decays it); here its rank saw no row for it, so the zero is put in.
         """
         for name, param in self.model.named_parameters():
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
-            if not is_expert_parameter(name):
-                _sum_over_ranks(param.grad, self.group)
+            if is_expert_parameter(name):
+                if self.data_group is not None:
+                    _sum_over_ranks(param.grad, self.data_group)
+            elif not isinstance(param.grad, DTensor):
+                _sum_over_ranks(param.grad)
 
     def clip_gradients(self) -> Tensor:
-        """Clip to ``grad_clip`` by the norm of ALL the gradients, those of every rank's experts too."""
-        replicated, experts = [], []
+        """Clip to ``grad_clip`` by the norm of ALL the gradients: every rank's experts and shards too."""
+        whole, sharded, experts = [torch.zeros(())], [torch.zeros(())], [torch.zeros(())]
         for name, param in self.model.named_parameters():
-            (experts if is_expert_parameter(name) else replicated).append(param.grad.float().pow(2).sum())
-        local_experts = torch.stack(experts).sum() if experts else torch.zeros(())
-        squares = torch.stack(replicated).sum() + _sum_over_ranks(local_experts, self.group)
+            grad = param.grad
+            if isinstance(grad, DTensor):  # this rank's FSDP2 shard
+                sharded.append(grad.to_local().float().pow(2).sum().cpu())
+            else:
+                (experts if is_expert_parameter(name) else whole).append(grad.float().pow(2).sum().cpu())
+        squares = (
+            torch.stack(whole).sum()
+            + _sum_over_ranks(torch.stack(sharded).sum())
+            + _sum_over_ranks(torch.stack(experts).sum(), self.group)
+        )
         norm = squares.sqrt()
-        torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.config.grad_clip, norm)
+        scale = torch.clamp(self.config.grad_clip / (norm + 1e-6), max=1.0)  # as clip_grad_norm_
+        for param in self.model.parameters():
+            param.grad.mul_(scale.to(param.grad.device))
         return norm
 
     def step(self) -> dict[str, float]:
@@ -406,7 +480,7 @@ class ExpertParallelTrainer(Trainer):
                 router.selection_bias.add_(config.bias_rate * torch.sign(load.mean() - load))
 
         terms = torch.stack([lm_share, switch_share, z_share]).detach().double()
-        lm_loss, switch, z_loss = _sum_over_ranks(terms, self.group).tolist()
+        lm_loss, switch, z_loss = _sum_over_ranks(terms).tolist()
         self.step_count += 1
         metrics = {
             "step": self.step_count,
@@ -430,7 +504,7 @@ class ExpertParallelTrainer(Trainer):
         """True on every rank when ``flag`` is true on any (a stop asked on one rank stops them all
         after the same step)."""
         value = torch.tensor([1.0 if flag else 0.0])
-        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
 
     def checkpoint_tensors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -439,7 +513,9 @@ class ExpertParallelTrainer(Trainer):
         moments: dict[str, Tensor] = {}
         for name, param in self.model.named_parameters():
             for key, value in self.optimizer.state.get(param, {}).items():
-                if is_expert_parameter(name) and value.dim():
+                if isinstance(value, DTensor):
+                    value = value.full_tensor()
+                elif is_expert_parameter(name) and value.dim():
                     value = gather_experts(value, self.group)
                 moments[f"{name}.{key}"] = value.detach().reshape(-1).clone()
         return model_state, moments
@@ -449,7 +525,46 @@ class ExpertParallelTrainer(Trainer):
         tensors = self.checkpoint_tensors()
         if self.rank == 0:
             self.write_checkpoint(path, *tensors, metadata=metadata)
-        dist.barrier(group=self.group)
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------- watching it
+def trace_expert_parallel(
+    config: dict[str, Any], seed: int, rows: int, length: int, biases: list[list[Tensor]], repeats: int = 3
+) -> dict[str, Tensor]:
+    """Run on every rank of a group (e.g. ``spawn(trace_expert_parallel, 4, ...)``): what travels where.
+
+    Builds ``Llama4(Config(**config))`` under ``seed`` on every rank, keeps this rank's experts, and
+    for each entry of ``biases`` (one selection-bias vector per MoE layer; e.g. none, then balanced)
+    runs this rank's block of ``rows`` random sequences of ``length`` tokens through it ``repeats``
+    times, without gradients. Returns for each setting ``i``:
+
+    * ``received.i`` [layers, N]: slots this rank received from each rank, per MoE layer (a column of
+      the rank-to-rank traffic matrix);
+    * ``exchange_s.i`` and ``experts_s.i`` [layers]: median seconds in the all-to-alls (waiting for
+      the slowest rank included) and in this rank's experts.
+    """
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    model = shard_experts(Llama4(Config(**config))).eval()
+    ranks, rank = dist.get_world_size(), dist.get_rank()
+    generator = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, model.config.vocab_size, (rows, length), generator=generator)
+    mine = ids[rank * rows // ranks : (rank + 1) * rows // ranks]
+    layers = moe_layers(model)
+    result: dict[str, Tensor] = {}
+    for i, setting in enumerate(biases):
+        with torch.no_grad():
+            for moe, bias in zip(layers, setting, strict=True):
+                moe.router.selection_bias.copy_(bias)
+                moe.experts.timings = []
+            for _ in range(repeats):
+                dist.barrier()
+                model(mine)
+        result[f"received.{i}"] = torch.stack([moe.experts.last_counts.sum(1) for moe in layers])
+        timings = torch.tensor([moe.experts.timings for moe in layers])  # [layers, repeats, 2]
+        result[f"exchange_s.{i}"], result[f"experts_s.{i}"] = timings.median(dim=1).values.unbind(-1)
+    return result
 
 
 # ---------------------------------------------------------------------- sharded checkpoints
@@ -504,6 +619,11 @@ def save_sharded(
     to name it, and removes older step directories. A save that is killed leaves the previous one
     named. :func:`load_sharded` reads it back under any number of ranks that divides the experts.
     """
+    if trainer.fsdp:
+        raise ValueError(
+            "save_sharded saves expert parallelism alone; under FSDP2 (data_parallel > 1) save the "
+            "gathered checkpoint with trainer.save"
+        )
     path = Path(path)
     step_dir = path / f"step-{trainer.step_count:06d}"
     state = {
@@ -516,20 +636,21 @@ def save_sharded(
         "world_size": trainer.world_size,
         "metadata": metadata,
     }
+    from torch.distributed import checkpoint as dcp  # seconds to import: only when saving or loading
+
     tensors = sharded_state_dict(trainer, moments=trainer.step_count > 0)
     dcp.save(
         tensors,
-        storage_writer=HuggingFaceStorageWriter(str(step_dir), save_distributed=True),
-        process_group=trainer.group,
+        storage_writer=dcp.HuggingFaceStorageWriter(str(step_dir), save_distributed=True),
     )
-    dist.barrier(group=trainer.group)
+    dist.barrier()
     if trainer.rank == 0:
         atomic_write_text(step_dir / "state.json", json.dumps(state, indent=1) + "\n")
         atomic_write_text(path / CHECKPOINT_POINTER, json.dumps({"step_dir": step_dir.name}) + "\n")
         for old in path.glob("step-*"):
             if old.is_dir() and old.name != step_dir.name:
                 shutil.rmtree(old)
-    dist.barrier(group=trainer.group)
+    dist.barrier()
     return step_dir
 
 
@@ -537,16 +658,14 @@ def load_sharded(
     path: str | Path,
     train_data: TokenDataset,
     val_data: TokenDataset | None = None,
-    group: dist.ProcessGroup | None = None,
 ) -> ExpertParallelTrainer:
-    """The trainer saved by :func:`save_sharded`, on this group's ranks (their number may differ).
+    """The trainer saved by :func:`save_sharded`, on the launched ranks (their number may differ).
 
     Each rank reads only the slices of the files that its experts and the replicated tensors need.
     A number of ranks that does not divide the experts (or the batch) is a ValueError naming the
     numbers that work; a missing or foreign directory a FileNotFoundError or ValueError naming it.
     """
     path = Path(path)
-    group = group or dist.group.WORLD
     pointer = path / CHECKPOINT_POINTER
     if not pointer.is_file():
         raise FileNotFoundError(
@@ -559,11 +678,13 @@ def load_sharded(
     model = Llama4(Config.from_dict(state["model_config"]))
     trainer = Trainer(model, train_data, val_data, TrainConfig(**state["train_config"]))
     try:
-        sharded = ExpertParallelTrainer.from_trainer(trainer, group)
+        sharded = ExpertParallelTrainer.from_trainer(trainer)
     except ValueError as error:
         raise ValueError(f"{step_dir} was saved by {state['world_size']} ranks; here: {error}") from None
+    from torch.distributed import checkpoint as dcp  # seconds to import: only when saving or loading
+
     tensors = sharded_state_dict(sharded, moments=state["step"] > 0)
-    dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(step_dir)), process_group=group)
+    dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(step_dir)))
     if state["step"] == 0:
         sharded.optimizer.state.clear()
     sharded.step_count, sharded.history = state["step"], state["history"]
@@ -578,6 +699,82 @@ def export_pretrained(model: Llama4, path: str | Path) -> None:
     if dist.get_rank() == 0:
         whole.save_pretrained(path)
     dist.barrier()
+
+
+# ---------------------------------------------------------------------- published checkpoints under EP
+@dataclass
+class ShardedRead:
+    """What one rank read from a checkpoint's safetensors shards: bytes of tensor data by kind, files."""
+
+    rank: int
+    expert_bytes: int = 0
+    other_bytes: int = 0
+    files: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return self.expert_bytes + self.other_bytes
+
+
+def load_pretrained_expert_parallel(
+    path: str | Path, dtype: torch.dtype | None = None
+) -> tuple[Llama4, ShardedRead]:
+    """This rank's part of a checkpoint directory (config.json + safetensors shards), read lazily.
+
+    Every rank builds the model on the meta device (no memory), keeps its experts only, then reads
+    from the shards the replicated tensors in full and, of each expert tensor, only the rows of its own
+    experts (``safe_open(...).get_slice(key)[first:last]``: safetensors maps the file and copies just
+    those bytes). No rank ever holds all the experts, so a checkpoint larger than one device's memory
+    loads on N of them. Returns the model and what this rank read. The same directories as
+    ``l4lab.load_pretrained`` (l4lab's or transformers'; vision weights skipped); l4lab's checksums
+    cover whole tensors and are not checked on slices.
+    """
+    from l4lab.interop import CONFIG_NAME, _read_config, _weight_files, l4lab_key
+
+    path = Path(path)
+    if not (path / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: not a checkpoint directory")
+    files, _ = _weight_files(path)
+    config, declared, _multimodal, layout = _read_config(path, path / CONFIG_NAME, False, None)
+    if layout != "llama4":
+        raise ValueError(
+            f"{path} holds a {layout!r} checkpoint; expert parallelism loads Llama 4 checkpoints (use "
+            "l4lab.load_pretrained for the others)"
+        )
+    with torch.device("meta"):
+        model = shard_experts(Llama4(config))
+    expected = dict(model.named_parameters())
+    read = ShardedRead(rank=dist.get_rank())
+    loaded: dict[str, Tensor] = {}
+    for shard, _keys in files:
+        with safe_open(str(shard), framework="pt") as f:
+            read.files += 1
+            for key in f.keys():  # noqa: SIM118 (not a mapping)
+                name = l4lab_key(key)
+                if name is None or name.startswith("rotary_emb.") or name not in expected:
+                    continue
+                if is_expert_parameter(name):
+                    local = expected[name].shape[0]
+                    first = dist.get_rank(model.layers[0].feed_forward.experts.group) * local
+                    tensor = f.get_slice(key)[first : first + local]
+                    read.expert_bytes += tensor.numel() * tensor.element_size()
+                else:
+                    tensor = f.get_tensor(key)
+                    read.other_bytes += tensor.numel() * tensor.element_size()
+                loaded[name] = tensor if dtype is None else tensor.to(dtype)
+    missing = sorted(set(expected) - set(loaded))
+    wrong = [n for n, t in loaded.items() if t.shape != expected[n].shape]
+    if missing or wrong:
+        raise ValueError(
+            f"weights in {path} do not fit the model: missing {missing[:4]}, mis-shaped {wrong[:4]}"
+        )
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for buffer in model.buffers():  # the routers' selection biases: not in checkpoints, zero
+            buffer.zero_()
+    model.load_state_dict(loaded, strict=False)  # every parameter is there (checked above)
+    model.to(dtype or declared or next(iter(loaded.values())).dtype)
+    return model, read
 
 
 # ---------------------------------------------------------------------- launching processes
@@ -673,6 +870,7 @@ __all__ = [
     "BACKENDS",
     "ExpertParallelExperts",
     "ExpertParallelTrainer",
+    "ShardedRead",
     "check_backend",
     "check_divisible",
     "default_backend",
@@ -684,10 +882,13 @@ __all__ = [
     "gather_experts",
     "init_process_group",
     "is_expert_parameter",
+    "load_pretrained_expert_parallel",
     "load_sharded",
     "moe_layers",
     "save_sharded",
     "shard_experts",
+    "shard_replicated",
     "sharded_state_dict",
     "spawn",
+    "trace_expert_parallel",
 ]

@@ -27,7 +27,7 @@ BOOK = Path(__file__).resolve().parents[1] / "book"
 HTML = BOOK / "_build" / "html"
 SCREENSHOTS = BOOK / "_build" / "screenshots"
 
-# Pages that must show plotly figures: the chapters 00-04, 06, 07, 09 and lab 4's solution (patterns, so
+# Pages that must show plotly figures: the chapters 00-04, 06, 07, 09, 10 and lab 4's solution (patterns, so
 # that a chapter may be renamed). Any other page's figures are checked too, when it has some.
 MUST_HAVE_FIGURES = [
     "notebooks/00_*.html",
@@ -38,6 +38,7 @@ MUST_HAVE_FIGURES = [
     "notebooks/06_*.html",
     "notebooks/07_*.html",
     "notebooks/09_*.html",
+    "notebooks/10_*.html",
     "notebooks/labs/solutions/lab4_*.html",
 ]
 # Pages with typeset maths (MathJax served from _static/mathjax)

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
+from torch.distributed.tensor import DTensor
 
 import l4lab
 from l4lab.claims import relative_error
@@ -29,11 +30,13 @@ from l4lab.distributed import (
     full_state_dict,
     init_process_group,
     is_expert_parameter,
+    load_pretrained_expert_parallel,
     load_sharded,
     save_sharded,
     shard_experts,
     spawn,
 )
+from l4lab.interop import save_pretrained
 from l4lab.train import TrainConfig, Trainer, load_checkpoint_model
 
 CONFIG = dict(
@@ -363,3 +366,59 @@ def test_export_is_the_single_directory_checkpoint_load_pretrained_and_transform
     reference = transformers.Llama4ForCausalLM.from_pretrained(tmp_path / "export").eval()
     with torch.no_grad():
         assert relative_error(reference(ids).logits, results[1]["logits"]) < 1e-4
+
+
+# ---------------------------------------------------------------------- FSDP2 x expert parallelism
+def fsdp_expert_parallel_training() -> dict[str, torch.Tensor]:
+    """4 ranks = 2 data-parallel replicas x 2 expert-parallel ranks, FSDP2 on the rest."""
+    trainer = ExpertParallelTrainer.from_trainer(tiny_trainer("aux_free"), data_parallel=2)
+    sharded = [n for n, p in trainer.model.named_parameters() if isinstance(p, DTensor)]
+    experts = [n for n, p in trainer.model.named_parameters() if is_expert_parameter(n)]
+    assert sharded and experts and not set(sharded) & set(experts)
+    assert trainer.model.layers[0].feed_forward.experts.gate_up_proj.shape[0] == 4  # 8 experts / 2
+    history = trainer.run(progress=False)
+    result = {f"weight.{k}": v for k, v in full_state_dict(trainer.model).items()}
+    result["loss"] = torch.tensor([h["loss"] for h in history], dtype=torch.float64)
+    result["grad_norm"] = torch.tensor([h["grad_norm"] for h in history], dtype=torch.float64)
+    return result
+
+
+def test_fsdp2_with_expert_parallelism_on_a_2d_mesh_trains_the_single_process_model() -> None:
+    single = tiny_trainer("aux_free")
+    history = single.run(progress=False)
+    results = spawn(fsdp_expert_parallel_training, 4, timeout_s=300)
+    for key in ("loss", "grad_norm"):
+        expected = torch.tensor([h[key] for h in history], dtype=torch.float64)
+        assert all(relative_error(r[key], expected) < 1e-4 for r in results), key
+    for name, weight in single.model.state_dict().items():
+        assert relative_error(results[3][f"weight.{name}"], weight) < 1e-4, name
+
+
+# ---------------------------------------------------------------------- a sharded checkpoint under EP
+def load_and_forward(path: str) -> dict[str, torch.Tensor]:
+    model, read = load_pretrained_expert_parallel(path)
+    ids = inputs()[0]
+    rows = slice(
+        dist.get_rank() * ROWS // dist.get_world_size(), (dist.get_rank() + 1) * ROWS // dist.get_world_size()
+    )
+    return {
+        "logits": model(ids[rows]).logits.detach(),
+        "read": torch.tensor([read.expert_bytes, read.other_bytes, read.files]),
+    }
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_each_rank_reads_only_its_experts_from_a_sharded_checkpoint(tmp_path: Path, ranks: int) -> None:
+    torch.manual_seed(0)
+    model = l4lab.Llama4(l4lab.preset("tiny-moe", **CONFIG))
+    save_pretrained(model, tmp_path / "ckpt", max_shard_bytes=100_000)  # several shards and an index
+    assert len(list((tmp_path / "ckpt").glob("model-*.safetensors"))) > 2
+    expert_bytes = sum(4 * p.numel() for n, p in model.named_parameters() if is_expert_parameter(n))
+    other_bytes = sum(4 * p.numel() for n, p in model.named_parameters() if not is_expert_parameter(n))
+
+    results = spawn(load_and_forward, ranks, str(tmp_path / "ckpt"), timeout_s=300)
+    expected = l4lab.load_pretrained(tmp_path / "ckpt")(inputs()[0]).logits
+    assert relative_error(torch.cat([r["logits"] for r in results]), expected) < 1e-5
+    for result in results:
+        experts_read, others_read, _files = result["read"].tolist()
+        assert experts_read == expert_bytes // ranks and others_read == other_bytes

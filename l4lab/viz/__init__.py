@@ -22,6 +22,8 @@ architecture                       :func:`layer_stack_figure`, :func:`decoder_la
                                    :func:`moe_block_figure` (all drawn from ``layer_plan()``)
 kernels                            :func:`attention_tiles_figure`, :func:`moe_tiles_figure`,
                                    :func:`benchmark_figure` (numbers: :func:`benchmark_rows`)
+expert parallelism                 :func:`traffic_figure`, :func:`rank_wait_figure`, :func:`plan_figure`,
+                                   :func:`ep_cost_figure`
 multimodal                         :func:`tiles_figure`, :func:`patches_figure`, :func:`parameters_figure`
                                    (numbers: :func:`parameter_parts`; text: :func:`layout_summary`)
 the herd and its rivals            :func:`family_table_figure`, :func:`toggle_steps_figure`,
@@ -31,10 +33,10 @@ the herd and its rivals            :func:`family_table_figure`, :func:`toggle_st
 
 Modules: ``common`` (template, colours, layout helpers), ``routing``, ``attention``,
 ``long_context``, ``models`` (parameters and training), ``experiments`` (seeds, timings),
-``architecture``, ``kernels``, ``multimodal``, ``herd``: one module per topic of the table above.
-Everything public is re-exported here, so ``viz.expert_load_figure`` is
-``viz.routing.expert_load_figure``. A new figure goes into the module of its topic (or a new module)
-and gets a line in the table.
+``architecture``, ``kernels``, ``multimodal``, ``herd``, ``distributed`` (expert parallelism): one
+module per topic of the table above. Everything public is re-exported here, so
+``viz.expert_load_figure`` is ``viz.routing.expert_load_figure``. A new figure goes into the module of
+its topic (or a new module) and gets a line in the table.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from l4lab.viz.common import (
     expert_colours,
     layer_label,
 )
+from l4lab.viz.distributed import ep_cost_figure, plan_figure, rank_wait_figure, traffic_figure
 from l4lab.viz.experiments import decode_time_figure, seed_spread_figure, seed_statistics
 from l4lab.viz.herd import (
     MIXTRAL_CHANCE,
@@ -118,6 +121,7 @@ __all__ = [
     "decode_time_figure",
     "decoder_layer_figure",
     "distillation_figure",
+    "ep_cost_figure",
     "expert_colours",
     "expert_load_figure",
     "family_table_figure",
@@ -134,7 +138,9 @@ __all__ = [
     "parameter_table",
     "parameters_figure",
     "patches_figure",
+    "plan_figure",
     "prefill_cost_figure",
+    "rank_wait_figure",
     "router_comparison_figure",
     "routing_stats_table",
     "same_expert_figure",
@@ -147,4 +153,5 @@ __all__ = [
     "tiles_figure",
     "toggle_steps_figure",
     "token_expert_figure",
+    "traffic_figure",
 ]
