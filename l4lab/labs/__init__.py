@@ -30,8 +30,8 @@ the case that triggered them and the line of the student's code that raised.
 ======================  =========================================================================
 
 The labs (``LABS``): 1 ``rmsnorm_rope``, 2 ``router_moe``, 3 ``chunked_attention``,
-4 ``routing_experiment``, 6 ``multimodal``. A step is named ``"<lab>.<step>"``, e.g. ``"1.3"``
-(``"rmsnorm_rope.3"`` works too).
+4 ``routing_experiment``, 6 ``multimodal``, 7 ``expert_dispatch``. A step is named ``"<lab>.<step>"``,
+e.g. ``"1.3"`` (``"rmsnorm_rope.3"`` works too).
 
 The package: ``core.py`` holds the machinery every lab shares (cases, typical mistakes, steps,
 comparisons, the registry); each lab is one module, ``lab1_rmsnorm_rope.py`` to
@@ -46,6 +46,7 @@ from l4lab.labs import (  # noqa: F401
     lab3_chunked_attention,
     lab4_routing_experiment,
     lab6_multimodal,
+    lab7_expert_dispatch,
 )
 from l4lab.labs.core import LABS, CheckResult, case, check, hint, steps
 from l4lab.labs.core import step_table as _steps_table  # noqa: F401  (the tests read every step)
