@@ -261,7 +261,8 @@ def test_l4lab_itself_passes(step):
 
 def test_steps_list_every_step_with_a_description():
     lines = labs.steps()
-    assert [line.split()[0] for line in lines] == list(SOLUTIONS)
+    # 7.5 runs on 2 processes: tests/test_lab7.py checks it
+    assert [line.split()[0] for line in lines] == [*SOLUTIONS, "7.5"]
     assert lines[0].startswith("1.1  rms_norm(x, weight, eps) — ")
     assert all(len(line.split(" — ", 1)[1]) > 20 for line in lines)
     assert labs.steps("2") == labs.steps("router_moe") == lines[5:8]

@@ -3,19 +3,33 @@ rows are sent in, the permutation that puts the experts' results back in the tok
 averaging of the replicated parameters' gradients over the ranks
 (``notebooks/labs/lab7_expert_dispatch.ipynb``).
 
-Steps: 7.1 ``send_splits``, 7.2 ``dispatch_order``, 7.3 ``combine``, 7.4 ``average_gradients``; the
-reference is ``l4lab.distributed.ExpertParallelExperts.forward`` (steps 1, 2 and 4 of its comments),
-where rank r holds experts ``r * E / N .. (r + 1) * E / N - 1``.
+Steps: 7.1 ``send_splits``, 7.2 ``dispatch_order``, 7.3 ``combine``, 7.4 ``average_gradients``, pure
+functions checked on cases; 7.5 ``expert_parallel_moe``, the whole dispatch, run on 2 gloo processes
+(``l4lab.distributed.spawn``, localhost, bounded time, every process ended) and compared with the
+single-process ``l4lab.ops.routed_experts``: outputs and the gradient of the input. The reference is
+``l4lab.distributed.ExpertParallelExperts.forward``, where rank r holds experts
+``r * E / N .. (r + 1) * E / N - 1``.
+
+A function defined in a notebook cannot be pickled into a new process, so step 7.5 sends its SOURCE:
+the student's function and the functions of the same module it calls (its 7.1 to 7.3 answers), with
+the modules and imported names they use, rebuilt in each process.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import textwrap
+import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from l4lab.labs.core import Case, Hints, Mistake, Step, compare_tensor, generator, register_lab
+from l4lab import ops
+from l4lab.labs.core import Case, Hints, Mistake, Step, compare_tensor, generator, register_lab, student_line
 
 
 # ====================================================================== the split sizes
@@ -251,6 +265,182 @@ _GRADIENT_MISTAKES = (
 )
 
 
+# ====================================================================== the dispatch on 2 processes
+WORLD_SIZE = 2
+TIMEOUT_S = 90.0
+
+# (label, experts, tokens per rank, top_k, seed); dim 6, intermediate 5
+_LAYOUTS = (
+    ("4 experts, top-1, 6 tokens a rank, expert 3 chosen by no token", 4, 6, 1, 705),
+    ("8 experts, top-2, 5 tokens a rank, uneven loads", 8, 5, 2, 706),
+    ("4 experts, top-1, 4 tokens a rank, every token to rank 0: rank 1 receives nothing", 4, 4, 1, 707),
+)
+
+
+def _layout(num_experts: int, tokens: int, top_k: int, seed: int) -> dict[str, Tensor]:
+    g = generator(seed)
+    total, dim, hidden = WORLD_SIZE * tokens, 6, 5
+    if seed == 705:
+        experts = torch.randint(0, num_experts - 1, (total, 1), generator=g)
+    elif seed == 707:
+        experts = torch.randint(0, num_experts // WORLD_SIZE, (total, 1), generator=g)
+    else:
+        experts = torch.stack([torch.randperm(num_experts, generator=g)[:top_k] for _ in range(total)])
+    return {
+        "x": torch.randn(total, dim, generator=g),
+        "experts": experts,
+        "scores": torch.rand(total, top_k, generator=g),
+        "gate_up": torch.randn(num_experts, dim, 2 * hidden, generator=g) * 0.5,
+        "down": torch.randn(num_experts, hidden, dim, generator=g) * 0.5,
+        "upstream": torch.randn(total, dim, generator=g),
+    }
+
+
+def _reference(layout: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    x = layout["x"].clone().requires_grad_(True)
+    out = ops.routed_experts(x, layout["experts"], layout["scores"], layout["gate_up"], layout["down"])
+    (out * layout["upstream"]).sum().backward()
+    return out.detach(), x.grad
+
+
+def _program(fn: Callable[..., Any]) -> dict[str, Any]:
+    """What a new process needs to rebuild ``fn``: the sources of fn and of the same module's functions it
+    calls, the modules it uses by name, the names it imported, and simple constants."""
+    home = fn.__module__
+    sources: dict[str, str] = {}
+    modules: dict[str, str] = {}
+    imported: dict[str, tuple[str, str]] = {}
+    constants: dict[str, Any] = {}
+    pending = [fn]
+    while pending:
+        current = pending.pop()
+        if current.__name__ in sources:
+            continue
+        sources[current.__name__] = textwrap.dedent(inspect.getsource(current))
+        codes = [current.__code__]
+        names: set[str] = set()
+        while codes:
+            code = codes.pop()
+            names.update(code.co_names)
+            codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+        for name in names:
+            if name not in current.__globals__:
+                continue
+            value = current.__globals__[name]
+            if isinstance(value, types.ModuleType):
+                modules[name] = value.__name__
+            elif isinstance(value, types.FunctionType) and value.__module__ == home:
+                pending.append(value)
+            elif getattr(value, "__module__", None) and hasattr(value, "__qualname__"):
+                imported[name] = (value.__module__, value.__qualname__)
+            elif isinstance(value, (int, float, str, bool)):
+                constants[name] = value
+    return {
+        "name": fn.__name__,
+        "sources": sources,
+        "modules": modules,
+        "imported": imported,
+        "constants": constants,
+    }
+
+
+def _rebuild(program: dict[str, Any]) -> Callable[..., Any]:
+    namespace: dict[str, Any] = {"__name__": "student", **program["constants"]}
+    for name, module in program["modules"].items():
+        namespace[name] = importlib.import_module(module)
+    for name, (module, qualname) in program["imported"].items():
+        value: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            value = getattr(value, part)
+        namespace[name] = value
+    for name, source in program["sources"].items():
+        exec(compile(source, f"<your {name}>", "exec"), namespace)  # the student's own code
+    return namespace[program["name"]]
+
+
+def _run_dispatch(program: dict[str, Any]) -> dict[str, Tensor]:
+    """On each of the 2 processes: this rank's tokens and experts of every layout through the student's
+    dispatch, then backward; returns the outputs and the input's gradients (or the error, as text)."""
+    rank = dist.get_rank()
+    try:
+        fn = _rebuild(program)
+    except Exception as error:
+        return {"error": torch.tensor(list(f"{type(error).__name__}: {error}".encode()), dtype=torch.uint8)}
+    found: dict[str, Tensor] = {}
+    for number, (_, num_experts, tokens, top_k, seed) in enumerate(_LAYOUTS):
+        layout = _layout(num_experts, tokens, top_k, seed)
+        mine, local = slice(rank * tokens, (rank + 1) * tokens), num_experts // WORLD_SIZE
+        experts_here = slice(rank * local, (rank + 1) * local)
+        x = layout["x"][mine].clone().requires_grad_(True)
+        gate_up = layout["gate_up"][experts_here].clone().requires_grad_(True)
+        down = layout["down"][experts_here].clone().requires_grad_(True)
+        try:
+            out = fn(x, layout["experts"][mine], layout["scores"][mine], gate_up, down, dist.group.WORLD)
+            found[f"out{number}"] = out.detach().clone()
+            if out.requires_grad:
+                (out * layout["upstream"][mine]).sum().backward()
+            found[f"grad{number}"] = torch.zeros_like(x) if x.grad is None else x.grad
+        except Exception as error:
+            where = student_line(error)
+            text = f"{type(error).__name__}: {error}" + (f" ({where})" if where else "")
+            found["error"] = torch.tensor(list(text.encode()), dtype=torch.uint8)
+            found["error_layout"] = torch.tensor(number)
+            break  # the same code fails alike on both ranks; if not, spawn's timeout ends the other
+    return found
+
+
+def _check_on_processes(fn: Callable[..., Any]) -> tuple[str | None, str]:
+    """Step 7.5's check: the student's dispatch on 2 gloo processes against the single-process MoE."""
+    from l4lab.distributed import spawn  # torch.distributed's launcher, only when this step runs
+
+    try:
+        program = _program(fn)
+    except (OSError, TypeError) as error:
+        return (
+            f"cannot read the source of {fn.__name__} ({error}); define it with def in a notebook cell "
+            "or a .py file",
+            "",
+        )
+    try:
+        ranks = spawn(_run_dispatch, WORLD_SIZE, program, timeout_s=TIMEOUT_S)
+    except (RuntimeError, TimeoutError) as error:
+        return (
+            f"the 2 processes did not finish: {error}. A rank that waits forever in a collective usually "
+            "means the ranks disagree on the split sizes: each rank's receive splits must be the other "
+            "ranks' send splits to it (exchange the counts first).",
+            "",
+        )
+    for rank, found in enumerate(ranks):
+        if "error" in found:
+            text = bytes(found["error"].tolist()).decode()
+            label = _LAYOUTS[int(found["error_layout"])][0] if "error_layout" in found else "rebuilding it"
+            return f"on rank {rank}, layout '{label}', your function raised {text}", ""
+    for number, (label, num_experts, tokens, top_k, seed) in enumerate(_LAYOUTS):
+        expected_out, expected_grad = _reference(_layout(num_experts, tokens, top_k, seed))
+        for rank, found in enumerate(ranks):
+            mine = slice(rank * tokens, (rank + 1) * tokens)
+            problem = compare_tensor(expected_out[mine], found[f"out{number}"], f"rank {rank}'s output")
+            if problem is not None:
+                return (
+                    f"layout '{label}': {problem}. hint: check 7.1 to 7.3 again; then the receiving side: "
+                    "rows arrive by source rank, and inside each rank's block by expert (the counts you "
+                    "received say how many), and the results must go back with the splits swapped.",
+                    "",
+                )
+            problem = compare_tensor(
+                expected_grad[mine], found[f"grad{number}"], f"rank {rank}'s input gradient"
+            )
+            if problem is not None:
+                return (
+                    f"layout '{label}': the outputs are right but {problem}. hint: "
+                    "dist.all_to_all_single writes into a tensor and carries no gradient; move the ROWS "
+                    "with l4lab.distributed.all_to_all (torch.distributed.nn.functional.all_to_all_single), "
+                    "whose backward sends the gradients back to the ranks the rows came from.",
+                    "",
+                )
+    return None, f": {len(_LAYOUTS)} layouts on {WORLD_SIZE} gloo processes, outputs and input gradients"
+
+
 # ====================================================================== the steps
 STEPS: tuple[Step, ...] = (
     Step(
@@ -311,6 +501,25 @@ STEPS: tuple[Step, ...] = (
             "every rank must step with the gradient of the GLOBAL batch's mean loss, the same everywhere",
             "g = (g_0 + ... + g_{N-1}) / N on every rank (all_reduce with SUM, then divide by N)",
             "l4lab/distributed.py, _sum_over_ranks: an all_reduce that sums; divide by N after it",
+        ),
+    ),
+)
+
+STEPS += (
+    Step(
+        "7.5",
+        "expert_parallel_moe",
+        ("x", "experts", "scores", "gate_up_proj", "down_proj", "group"),
+        "the whole dispatch on 2 processes: counts, all_to_all, local experts, all_to_all back, combine",
+        list,  # no in-process cases: the check runs the function on 2 gloo processes
+        compare_tensor,
+        (),
+        "",
+        extra=_check_on_processes,
+        hints=Hints(
+            "counts first, so every rank knows what arrives; rows out, experts, rows back, in place again",
+            "send = send_splits(counts); receive[j] = what rank j sends me; back: the splits swapped",
+            "l4lab/distributed.py, ExpertParallelExperts.forward",
         ),
     ),
 )
