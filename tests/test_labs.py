@@ -710,6 +710,7 @@ def test_every_lab_has_an_exercise_and_a_solution_notebook():
         "lab3_chunked_attention.ipynb",
         "lab4_routing_experiment.ipynb",
         "lab6_multimodal.ipynb",
+        "lab7_expert_dispatch.ipynb",
     ]
     for exercise in EXERCISES:
         assert (LAB_NOTEBOOKS / "solutions" / exercise.name).exists()
