@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from l4lab import labs
 from l4lab.distributed import all_to_all
+from l4lab.labs import lab7_expert_dispatch as lab7
 from l4lab.ops import routed_experts
 
 
@@ -71,3 +72,38 @@ def test_an_exchange_without_autograd_is_named():
     assert "the outputs are right but rank 0's input gradient" in result.message, result.message
     assert "l4lab.distributed.all_to_all" in result.message
     assert multiprocessing.active_children() == []
+
+
+# ------------------------------------------------------------ the verdict on what the ranks returned
+def _returned(outputs, gradients=True):
+    """What the 2 ranks would return, with the outputs ``outputs(layout, rank, tokens)``."""
+    ranks = [{}, {}]
+    for number, (_, experts, tokens, top_k, seed) in enumerate(lab7._LAYOUTS):
+        layout = lab7._layout(experts, tokens, top_k, seed)
+        _, grad = lab7._reference(layout)
+        for rank in range(2):
+            mine = slice(rank * tokens, (rank + 1) * tokens)
+            ranks[rank][f"out{number}"] = outputs(layout, rank, tokens)
+            ranks[rank][f"grad{number}"] = grad[mine] if gradients else torch.zeros_like(grad[mine])
+    return ranks
+
+
+def _right(layout, rank, tokens):
+    return lab7._reference(layout)[0][rank * tokens : (rank + 1) * tokens]
+
+
+def test_the_verdict_names_the_missing_combine_permutation_and_the_lost_gradients():
+    assert lab7._verdict(_returned(_right)) == (
+        None,
+        ": 3 layouts on 2 gloo processes, outputs and input gradients",
+    )
+    failure, _ = lab7._verdict(_returned(lab7._sent_order_sums))
+    assert "missing combine permutation" in failure
+    failure, _ = lab7._verdict(_returned(lambda layout, rank, tokens: _right(layout, rank, tokens) * 2))
+    assert "check 7.1 to 7.3 again" in failure
+    failure, _ = lab7._verdict(_returned(_right, gradients=False))
+    assert "the outputs are right but rank 0's input gradient" in failure
+    error = {"error": torch.tensor(list(b"ValueError: split sizes"), dtype=torch.uint8)}
+    failure, _ = lab7._verdict([{}, {**error, "error_layout": torch.tensor(1)}])
+    assert failure.startswith("on rank 1, layout '8 experts, top-2") and "ValueError: split sizes" in failure
+    assert lab7._verdict([{}, {}])[0].endswith("expert 3 chosen by no token': rank 0 returned no output")

@@ -410,16 +410,45 @@ def _check_on_processes(fn: Callable[..., Any]) -> tuple[str | None, str]:
             "ranks' send splits to it (exchange the counts first).",
             "",
         )
+    return _verdict(ranks)
+
+
+def _sent_order_sums(layout: dict[str, Tensor], rank: int, tokens: int) -> Tensor:
+    """Rank ``rank``'s outputs when the combine skips the permutation: each token's top_k rows added in
+    the order they were SENT, not in the token's order."""
+    experts, scores = layout["experts"][rank * tokens : (rank + 1) * tokens], layout["scores"]
+    top_k = experts.shape[1]
+    x = layout["x"][rank * tokens : (rank + 1) * tokens].repeat_interleave(top_k, dim=0)
+    slot_scores = scores[rank * tokens : (rank + 1) * tokens].reshape(-1, 1)
+    per_slot = ops.routed_experts(x, experts.reshape(-1, 1), slot_scores, layout["gate_up"], layout["down"])
+    order = torch.argsort(experts.reshape(-1), stable=True)
+    return per_slot[order].view(tokens, top_k, -1).sum(dim=1)
+
+
+def _verdict(ranks: list[dict[str, Tensor]]) -> tuple[str | None, str]:
+    """What each rank returned (outputs ``out<layout>``, input gradients ``grad<layout>``, or ``error``)
+    against the single-process MoE; names the typical mistakes."""
     for rank, found in enumerate(ranks):
         if "error" in found:
             text = bytes(found["error"].tolist()).decode()
             label = _LAYOUTS[int(found["error_layout"])][0] if "error_layout" in found else "rebuilding it"
             return f"on rank {rank}, layout '{label}', your function raised {text}", ""
     for number, (label, num_experts, tokens, top_k, seed) in enumerate(_LAYOUTS):
-        expected_out, expected_grad = _reference(_layout(num_experts, tokens, top_k, seed))
+        layout = _layout(num_experts, tokens, top_k, seed)
+        expected_out, expected_grad = _reference(layout)
         for rank, found in enumerate(ranks):
+            if f"out{number}" not in found or f"grad{number}" not in found:
+                return f"layout '{label}': rank {rank} returned no output", ""
             mine = slice(rank * tokens, (rank + 1) * tokens)
-            problem = compare_tensor(expected_out[mine], found[f"out{number}"], f"rank {rank}'s output")
+            got = found[f"out{number}"]
+            problem = compare_tensor(expected_out[mine], got, f"rank {rank}'s output")
+            if problem is not None and compare_tensor(_sent_order_sums(layout, rank, tokens), got) is None:
+                return (
+                    f"layout '{label}': {problem}. hint: missing combine permutation: the results came "
+                    "back in the order they were sent (sorted by expert); put them back in the tokens' "
+                    "order (your 7.3) before adding each token's top_k results.",
+                    "",
+                )
             if problem is not None:
                 return (
                     f"layout '{label}': {problem}. hint: check 7.1 to 7.3 again; then the receiving side: "
