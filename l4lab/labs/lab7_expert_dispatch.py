@@ -401,6 +401,12 @@ def _check_on_processes(fn: Callable[..., Any]) -> tuple[str | None, str]:
             "or a .py file",
             "",
         )
+    if "raise NotImplementedError" in program["sources"][fn.__name__]:
+        return (
+            f"not done yet: {fn.__name__} still raises NotImplementedError. Replace that line with your "
+            "code and run the cell again.",
+            "",
+        )
     try:
         ranks = spawn(_run_dispatch, WORLD_SIZE, program, timeout_s=TIMEOUT_S)
     except (RuntimeError, TimeoutError) as error:
