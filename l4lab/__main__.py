@@ -6,6 +6,7 @@
     python -m l4lab train --preset tiny --task text --steps 300 --seq-len 256 --batch-size 16
     python -m l4lab train --preset tiny --task text --steps 300 --teacher runs/big/checkpoint
     python -m l4lab tour --out runs/tour --minutes 1
+    python -m l4lab induction --positions irope --test-lengths 64,1024,16384 --seed 0 --out runs/ind
     python -m l4lab notebooks ~/l4lab
 
 ``train`` builds the data (``mixture``: the five-domain training mixture of ``l4lab.data``; ``text``:
@@ -36,6 +37,11 @@ vocabulary as the student.
 With a time limit the learning-rate schedule is fitted to the time (:func:`train_for`), so a
 two-minute run ends with a fully decayed learning rate rather than being cut off mid-way.
 
+``induction`` trains one 2-layer model of Gu & Dao's Table 11 (``l4lab.induction``: ``--positions
+irope|rope|nope|chunked``, ``--no-temperature``, ``--chunk``) and writes its accuracy at every test
+length, split at the chunk boundaries, into ``--out``/results.json (refusing to replace one without
+``--overwrite``); ``benchmarks/induction_sweep.py`` runs the whole table this way.
+
 The command line never overwrites a run: ``--out`` naming a directory that holds one stops with a
 message offering ``--resume`` (continue it exactly from its checkpoint, which records the run's
 settings) or ``--overwrite``. A checkpoint is saved every ``--checkpoint-every`` steps, and Ctrl-C
@@ -47,6 +53,7 @@ whatever is there: a notebook re-runs them into the same directory.)
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import signal
 import sys
@@ -61,8 +68,9 @@ import torch
 from torch import Tensor
 
 from l4lab import classroom, viz
-from l4lab.config import count_params, preset, preset_names
+from l4lab.config import POSITION_CHOICES, count_params, preset, preset_names
 from l4lab.data import DOMAINS, TokenDataset, corpus_dataset, induction_heads, mixture
+from l4lab.induction import InductionSetup, run_induction
 from l4lab.interop import load_pretrained
 from l4lab.model import Llama4, Llama4Output
 from l4lab.report import atomic_write_text, format_value, write_report
@@ -91,6 +99,8 @@ MIN_SEQ_LEN = 4
 MAX_SEQ_LEN = 16384  # command-line limits: beyond them the data or a batch does not fit in memory
 MAX_BATCH_SIZE = 4096
 MAX_MINUTES = 1e6
+MAX_INDUCTION_LENGTH = 1 << 20  # test rows longer than this do not fit a laptop's memory
+MAX_INDUCTION_SEED = 2**31
 
 RUN_FILES = ("checkpoint", "metrics.json", "report.html")  # what makes a directory hold a run
 
@@ -654,6 +664,30 @@ def _seed(text: str) -> int:
     return value
 
 
+def _induction_seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < MAX_INDUCTION_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**31), got {text!r}")
+    return value
+
+
+def _lengths(text: str) -> list[int]:
+    """Comma-separated test lengths, each from 4 (an induction row) to MAX_INDUCTION_LENGTH."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(not 4 <= v <= MAX_INDUCTION_LENGTH for v in values):
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated integers from 4 to {MAX_INDUCTION_LENGTH}, e.g. 64,1024,16384; "
+            f"got {text!r}"
+        )
+    return sorted(set(values))
+
+
 # the options that make up a run's settings, with their defaults; --resume takes them from the checkpoint
 RUN_DEFAULTS = {
     "preset": "tiny-moe",
@@ -677,7 +711,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m l4lab", description="Train a tiny Llama 4 on the CPU and look inside it."
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,tour,notebooks}")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="{train,tour,notebooks,induction}"
+    )
 
     run = commands.add_parser("train", help="train a tiny model; write checkpoint, metrics and report")
     run.add_argument("--preset", choices=trainable_presets(), help="model (tiny-moe)")
@@ -720,7 +756,65 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also replace notebooks you edited (yours are kept as <name>.ipynb.bak)",
     )
+
+    defaults = InductionSetup()
+    cell = commands.add_parser(
+        "induction", help="one cell of Gu & Dao's Table 11: train a 2-layer model, test it at many lengths"
+    )
+    cell.add_argument("--positions", choices=POSITION_CHOICES, default=defaults.positions, help="(irope)")
+    cell.add_argument(
+        "--train-length",
+        type=_at_most(MAX_SEQ_LEN),
+        default=defaults.train_length,
+        help="(64; the paper: 256)",
+    )
+    cell.add_argument(
+        "--test-lengths", type=_lengths, default=[64, 256, 1024, 4096, 16384], help="(64,256,1024,4096,16384)"
+    )
+    cell.add_argument("--seed", type=_induction_seed, default=0, help="seed of weights and data (0)")
+    cell.add_argument("--out", type=Path, required=True, help="directory for results.json")
+    cell.add_argument(
+        "--no-temperature", action="store_true", help="switch off the NoPE layers' temperature tuning"
+    )
+    cell.add_argument(
+        "--chunk", type=_positive_int, default=defaults.chunk, help=f"attention chunk ({defaults.chunk})"
+    )
+    cell.add_argument(
+        "--floor-scale", type=_positive_int, default=defaults.floor_scale, help=f"({defaults.floor_scale})"
+    )
+    cell.add_argument("--steps", type=_positive_int, default=defaults.steps, help=f"({defaults.steps})")
+    cell.add_argument("--rows", type=_positive_int, default=256, help="test rows per length (256)")
+    cell.add_argument("--quiet", action="store_true", help="no progress bar")
+    cell.add_argument("--overwrite", action="store_true", help="replace --out/results.json")
     return parser
+
+
+def induction_cell(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``python -m l4lab induction``: train, test, write ``--out``/results.json, print the accuracies."""
+    target = args.out / "results.json"
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file, not a directory; choose another path")
+    if target.exists() and not args.overwrite:
+        parser.error(f"{target} exists; nothing was changed. Add --overwrite to replace it")
+    if args.train_length < MIN_SEQ_LEN:
+        parser.error(f"--train-length must be at least {MIN_SEQ_LEN} (an induction row needs 4 tokens)")
+    setup = InductionSetup(
+        positions=args.positions,
+        temperature_tuning=not args.no_temperature,
+        train_length=args.train_length,
+        chunk=args.chunk,
+        floor_scale=args.floor_scale,
+        steps=args.steps,
+        seed=args.seed,
+    )
+    result = run_induction(setup, args.test_lengths, rows=args.rows, progress=not args.quiet)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(target, json.dumps(result, indent=1) + "\n")
+    print(f"{setup.label}, trained at {setup.train_length} for {setup.steps} steps, seed {setup.seed}:")
+    for row in result["results"]:
+        print(f"  length {row['length']:>7}: accuracy {row['accuracy']:.1%} on {row['rows']} rows")
+    print(f"results: {target}")
+    return 0
 
 
 def _add_run_safety(command: argparse.ArgumentParser) -> None:
@@ -798,6 +892,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "induction":
+        return induction_cell(args, parser)
     if args.command == "notebooks":
         try:
             results = classroom.copy_notebooks(args.directory, args.solutions, args.overwrite)

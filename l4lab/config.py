@@ -8,7 +8,9 @@ that say what they mean, plus the toggles that l4lab is built to compare:
 * ``positions = "irope" | "rope"``: Llama 4's iRoPE (every ``nope_layer_interval``-th layer has no
   positional encoding, attends globally and tunes its temperature; the other layers use RoPE and attend
   within chunks of ``attention_chunk_size`` tokens), or Llama 3's RoPE with global attention everywhere.
-  Both read the same weights, so a trained model can be flipped to compare them.
+  Both read the same weights, so a trained model can be flipped to compare them. Two more settings
+  take iRoPE apart, for experiments that attribute its effect: ``"nope"`` (every layer NoPE, global,
+  temperature tuned like Llama 4's NoPE layers) and ``"chunked"`` (every layer RoPE and chunked).
 * ``backend = "eager" | "fused"``: plain PyTorch operations, or the Triton kernels of ``l4lab.kernels``.
 * ``router = "llama4" | "mixtral" | "deepseek"``: how a MoE layer picks and weighs its experts (see
   :class:`RouterSpec`): Llama 4's sigmoid top-k scaling the expert's input beside a shared expert,
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 FFN_CHOICES = ("moe", "dense")
-POSITION_CHOICES = ("irope", "rope")
+POSITION_CHOICES = ("irope", "rope", "nope", "chunked")
 BACKEND_CHOICES = ("eager", "fused")
 ROUTER_CHOICES = ("llama4", "mixtral", "deepseek")
 
@@ -372,8 +374,9 @@ class Config:
                 raise _invalid(
                     "sliding_window",
                     window,
-                    "None under positions='irope' (a sliding window goes with global RoPE attention, as "
-                    "in Mistral and Mixtral; iRoPE's chunks are a different mask)",
+                    f"None under positions={self.positions!r} (a sliding window goes with global RoPE "
+                    "attention, positions='rope', as in Mistral and Mixtral; iRoPE's chunks are a "
+                    "different mask)",
                 )
         if self.backend == "fused" and self.router != "llama4":
             raise _invalid(
@@ -413,8 +416,9 @@ class Config:
         """Resolve the toggles into what each layer does. The model reads only this."""
         plan = []
         for i in range(self.num_layers):
-            nope = self.positions == "irope" and (i + 1) % self.nope_layer_interval == 0
-            chunked = self.positions == "irope" and not nope
+            interleaved_nope = self.positions == "irope" and (i + 1) % self.nope_layer_interval == 0
+            nope = self.positions == "nope" or interleaved_nope
+            chunked = self.positions == "chunked" or (self.positions == "irope" and not nope)
             moe = self.ffn == "moe" and (i + 1) % self.moe_layer_step == 0
             plan.append(
                 LayerSpec(

@@ -97,7 +97,7 @@ def to_transformers_config(config: Config, dtype: torch.dtype | None = None) -> 
     place for (the chunk size of a model switched to global RoPE) come back on loading.
     """
     plan = config.layer_plan()
-    irope = config.positions == "irope"
+    chunked = any(spec.chunk_size is not None for spec in plan)
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
     if config.rope_scaling is not None:
         rope.update(rope_type="llama3", **vars(config.rope_scaling))
@@ -122,8 +122,8 @@ def to_transformers_config(config: Config, dtype: torch.dtype | None = None) -> 
         "moe_layers": [spec.index for spec in plan if spec.moe],
         "no_rope_layers": [int(spec.uses_rope) for spec in plan],
         "no_rope_layer_interval": config.nope_layer_interval,
-        "attention_chunk_size": config.attention_chunk_size if irope else None,
-        "attn_temperature_tuning": config.temperature_tuning and irope,
+        "attention_chunk_size": config.attention_chunk_size if chunked else None,
+        "attn_temperature_tuning": any(spec.temperature_tuning for spec in plan),
         "floor_scale": config.floor_scale,
         "attn_scale": config.attn_scale,
         "use_qk_norm": config.use_qk_norm,
@@ -357,6 +357,8 @@ def _text_config_from_transformers(hf: dict[str, Any]) -> Config:
     positions = "irope"
     if all(uses_rope[:layers]) and chunk is None:
         positions = "rope"
+    elif not any(uses_rope[:layers]):
+        positions = "nope"
     elif uses_rope[:layers] != pattern:
         raise ValueError(
             f"config field no_rope_layers = {uses_rope} is not one NoPE layer every no_rope_layer_interval "

@@ -29,6 +29,8 @@ from l4lab.cache import KVCache, LayerCache
 from l4lab.config import Config, LayerSpec, RopeScaling, RouterSpec, router_spec
 from l4lab.ops import EAGER, Ops, Temperature, ops_for
 
+PREFILL_BLOCK = 1024  # tokens per block of a streaming prefill (Llama4.prefill)
+
 # config fields that hold no weights: a built model can change them (see Llama4.reconfigure)
 RECONFIGURABLE = frozenset(
     {
@@ -124,14 +126,28 @@ class Attention(nn.Module):
         self.ops: Ops = EAGER
 
     def forward(
-        self, x: Tensor, freqs_cis: Tensor | None, position: int, cache: LayerCache | None, need_probs: bool
+        self,
+        x: Tensor,
+        freqs_cis: Tensor | None,
+        position: int,
+        cache: LayerCache | None,
+        need_probs: bool,
+        queries: int | None = None,
     ) -> tuple[Tensor, Tensor | None]:
+        """Attend from the last ``queries`` tokens of ``x`` (all of them when None) to every visible key.
+
+        Keys and values come from all of ``x`` (and the cache); only the output rows are cut. The last
+        layer of a model that needs only the next token's logits computes one query row: exact, and
+        linear instead of quadratic in the context on a global layer.
+        """
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
         if self.spec.uses_rope:
             q, k = self.ops.rope_qk_norm(q, k, freqs_cis, self.spec.qk_norm, self.eps)
+        queries = length if queries is None else queries
+        q = q[:, length - queries :]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, head_dim]
 
         key_start = position
@@ -141,14 +157,14 @@ class Attention(nn.Module):
             q,
             k,
             v,
-            position,
+            position + length - queries,
             key_start,
             self.spec.chunk_size,
             self.temperature if self.spec.temperature_tuning else None,
             need_probs,
             self.spec.window,
         )
-        out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+        out = out.transpose(1, 2).reshape(batch, queries, self.num_heads * self.head_dim)
         return self.o_proj(out), probs
 
 
@@ -289,10 +305,19 @@ class DecoderLayer(nn.Module):
         )
 
     def forward(
-        self, x: Tensor, freqs_cis: Tensor | None, position: int, cache: LayerCache | None, need_probs: bool
+        self,
+        x: Tensor,
+        freqs_cis: Tensor | None,
+        position: int,
+        cache: LayerCache | None,
+        need_probs: bool,
+        queries: int | None = None,
     ) -> tuple[Tensor, Tensor | None, RoutingRecord | None]:
-        attended, probs = self.self_attn(self.input_layernorm(x), freqs_cis, position, cache, need_probs)
-        h = x + attended
+        """The block for the last ``queries`` tokens of ``x`` (all when None); see Attention.forward."""
+        attended, probs = self.self_attn(
+            self.input_layernorm(x), freqs_cis, position, cache, need_probs, queries
+        )
+        h = (x if queries is None else x[:, x.shape[1] - queries :]) + attended
         record = None
         if isinstance(self.feed_forward, MoE):
             ffn_out, record = self.feed_forward(self.post_attention_layernorm(h))
@@ -391,11 +416,16 @@ class Llama4(nn.Module):
         cache: KVCache | None = None,
         return_attention: bool = False,
         inputs_embeds: Tensor | None = None,
+        last_only: bool = False,
     ) -> Llama4Output:
         """Logits for ``input_ids`` [B, T]; with a cache, the tokens continue what it holds.
 
         ``inputs_embeds`` [B, T, D], when given, replaces the embeddings of ``input_ids``: a multimodal
         model (``l4lab.vision``) passes the embeddings in which image features fill the placeholders.
+
+        ``last_only``: the logits of the last token only [B, 1, vocab], all that predicting the next
+        token needs. The last layer then computes one query row instead of T (its keys and values, and
+        every earlier layer, are computed in full), so a global last layer costs O(T) instead of O(T^2).
         """
         position = cache.position if cache is not None else 0
         check_input_ids(input_ids, self.config, position, self.device)
@@ -418,7 +448,8 @@ class Llama4(nn.Module):
         routing, attentions = [], [] if return_attention else None
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
-            x, probs, record = layer(x, freqs_cis, position, layer_cache, return_attention)
+            queries = 1 if last_only and i == len(self.layers) - 1 else None
+            x, probs, record = layer(x, freqs_cis, position, layer_cache, return_attention, queries)
             if record is not None:
                 routing.append(record)
             if attentions is not None:
@@ -426,6 +457,38 @@ class Llama4(nn.Module):
         if cache is not None:
             cache.position += length
         return Llama4Output(self.lm_head(self.norm(x)), routing, attentions)
+
+    # ------------------------------------------------------------------ long prompts
+    @torch.no_grad()
+    def prefill(
+        self,
+        input_ids: Tensor,
+        cache: KVCache | None = None,
+        block_size: int | None = None,
+        inputs_embeds: Tensor | None = None,
+    ) -> tuple[Tensor, KVCache]:
+        """Read a long prompt [B, T] into a KV cache ``block_size`` tokens at a time (streaming prefill).
+
+        ``block_size`` defaults to ``l4lab.model.PREFILL_BLOCK`` (1024); ``inputs_embeds`` [B, T, D]
+        replaces the prompt's embeddings, as in ``forward``.
+        Returns the logits of the prompt's last token [B, vocab] (equal to a full forward's last row)
+        and the cache, ready for decoding. Only one block is in flight at a time, so activation memory is
+        bounded by the block instead of growing with T: a chunked layer attends from the block to at
+        most ``C - 1 + block_size`` keys, a global layer to the T keys seen so far (its mask is
+        ``block_size x T`` booleans, never ``T x T``). The cache is what grows: all T keys on global
+        layers, less than one chunk on chunked layers.
+        """
+        block_size = PREFILL_BLOCK if block_size is None else block_size
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+            raise ValueError(f"block_size must be a positive integer (tokens per block); got {block_size!r}")
+        cache = self.new_cache() if cache is None else cache
+        check_input_ids(input_ids, self.config, cache.position, self.device)
+        blocks = input_ids.split(block_size, dim=1)
+        embeds = [None] * len(blocks) if inputs_embeds is None else inputs_embeds.split(block_size, dim=1)
+        for block, embed in zip(blocks[:-1], embeds[:-1], strict=True):
+            self(block, cache=cache, inputs_embeds=embed, last_only=True)
+        logits = self(blocks[-1], cache=cache, inputs_embeds=embeds[-1], last_only=True).logits[:, -1]
+        return logits, cache
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -458,21 +521,21 @@ class Llama4(nn.Module):
         if seed is not None:
             generator = torch.Generator(device=input_ids.device).manual_seed(seed)
 
-        cache = self.new_cache()
         tokens = [input_ids]
+        if max_new_tokens == 0:
+            return input_ids.clone()
+        # a long prompt goes through the cache block by block
+        logits, cache = self.prefill(input_ids, inputs_embeds=inputs_embeds)
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        next_input, next_embeds = input_ids, inputs_embeds
-        for _ in range(max_new_tokens):
-            logits = self(next_input, cache=cache, inputs_embeds=next_embeds).logits[:, -1]
-            next_embeds = None
+        for step in range(max_new_tokens):
             next_token = sample_next_token(logits, temperature, top_p, generator)
             if eos_token_id is not None:
                 next_token = torch.where(finished, eos_token_id, next_token)
                 finished |= next_token == eos_token_id
             tokens.append(next_token[:, None])
-            next_input = next_token[:, None]
-            if eos_token_id is not None and bool(finished.all()):
+            if step + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
                 break
+            logits = self(next_token[:, None], cache=cache).logits[:, -1]
         return torch.cat(tokens, dim=1)
 
 

@@ -82,6 +82,8 @@ class TrainConfig:
     distill_weight: float = 0.5
     distill_weight_end: float | None = None  # a linear schedule to this weight at the last step
     distill_temperature: float = 2.0
+    # only the last token is scored (induction heads, pass keys): the last layer computes that row only
+    last_token_only: bool = False
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -180,6 +182,13 @@ class Trainer:
         self.model = model
         self.train_data, self.val_data = train_data, val_data
         self.config = config or TrainConfig()
+        if self.config.last_token_only:
+            mask = train_data.loss_mask
+            if mask is None or bool(mask[:, :-1].any()) or not bool(mask[:, -1].all()):
+                raise ValueError(
+                    "TrainConfig.last_token_only needs data whose loss_mask scores the last token of every "
+                    "row and nothing else (e.g. l4lab.data.induction_heads); use last_token_only=False"
+                )
         self.sampler = BatchSampler(train_data, self.config.batch_size, self.config.seed)
         matrices = [p for p in model.parameters() if p.dim() >= 2]
         vectors = [p for p in model.parameters() if p.dim() < 2]
@@ -206,8 +215,11 @@ class Trainer:
         config = self.config
         self.model.train()
         batch = self.sampler.next()
-        out = self.model(batch.tokens[:, :-1])
-        lm_loss = language_model_loss(out.logits, batch)
+        out = self.model(batch.tokens[:, :-1], last_only=config.last_token_only)
+        if config.last_token_only:
+            lm_loss = F.cross_entropy(out.logits[:, -1], batch.tokens[:, -1])
+        else:
+            lm_loss = language_model_loss(out.logits, batch)
         switch, z_loss = self.balance_terms(out.routing, lm_loss)
         loss = lm_loss
         distilled = {}

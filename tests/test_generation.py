@@ -111,6 +111,68 @@ def test_generation_stops_at_eos(pair: tuple) -> None:
     assert torch.equal(stopped, greedy[:, :6])
 
 
+@pytest.mark.parametrize("positions", ["irope", "rope", "nope", "chunked"])
+def test_last_only_equals_the_last_row_of_a_full_forward(positions: str) -> None:
+    config = l4lab.preset(
+        "tiny",
+        num_layers=2,
+        nope_layer_interval=2,
+        attention_chunk_size=8,
+        floor_scale=4,
+        positions=positions,
+    )
+    torch.manual_seed(0)
+    model = l4lab.Llama4(config).eval()
+    ids = torch.randint(0, 256, (2, 45), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(ids).logits[:, -1:]
+        last = model(ids, last_only=True).logits
+    assert last.shape == full.shape
+    assert relative_error(last, full) < 1e-5
+
+
+@pytest.mark.parametrize("block_size", [7, 16, 64])
+def test_streaming_prefill_equals_the_full_forward(pair: tuple, block_size: int) -> None:
+    _, ours = pair  # chunk 6, NoPE every 4th layer: blocks of 7 cross chunk edges, 16 and 64 do too
+    ids = torch.randint(0, 97, (2, 41), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = ours(ids).logits[:, -1]
+        logits, cache = ours.prefill(ids, block_size=block_size)
+        lengths = cache.lengths()
+        after = ours(ids[:, -1:] * 0 + 3, cache=cache).logits[:, -1]
+        reference = ours(torch.cat([ids, ids[:, -1:] * 0 + 3], dim=1)).logits[:, -1]
+    assert relative_error(logits, full) < 1e-5
+    assert relative_error(after, reference) < 1e-5  # the cache is ready for decoding
+    for spec, length in zip(ours.config.layer_plan(), lengths, strict=True):
+        assert length == (41 % 6 if spec.chunk_size else 41)  # chunked layers keep the current chunk only
+
+
+def test_generate_streams_a_prompt_longer_than_one_block(
+    pair: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, ours = pair
+    prompt = torch.randint(3, 97, (1, 30), generator=torch.Generator().manual_seed(6))
+    expected = ours.generate(prompt, max_new_tokens=6)
+    blocks: list[int] = []
+    forward = l4lab.Llama4.forward
+
+    def counting(self: l4lab.Llama4, input_ids: torch.Tensor, *args: object, **kwargs: object) -> object:
+        blocks.append(input_ids.shape[1])
+        return forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(l4lab.model, "PREFILL_BLOCK", 8)
+    monkeypatch.setattr(l4lab.Llama4, "forward", counting)
+    assert torch.equal(ours.generate(prompt, max_new_tokens=6), expected)
+    assert blocks[:4] == [8, 8, 8, 6]  # the prompt in blocks, then one token at a time
+    assert set(blocks[4:]) == {1}
+
+
+def test_prefill_rejects_a_bad_block_size(pair: tuple) -> None:
+    _, ours = pair
+    with pytest.raises(ValueError, match="block_size must be a positive integer"):
+        ours.prefill(torch.zeros(1, 4, dtype=torch.long), block_size=0)
+
+
 def test_time_per_token_times_one_cached_step_and_one_full_forward_per_length() -> None:
     from l4lab.cache import time_per_token
 

@@ -56,6 +56,23 @@ def test_round_trip_keeps_the_toggles(hf: transformers.Llama4ForCausalLM, tmp_pa
     assert relative_error(logits(reloaded), logits(ours)) < 1e-5
 
 
+@pytest.mark.parametrize("positions", ["nope", "chunked"])
+def test_the_schemes_that_take_irope_apart_load_in_transformers(
+    hf: transformers.Llama4ForCausalLM, positions: str, tmp_path: Path
+) -> None:
+    """NoPE everywhere (temperature tuned) and chunked RoPE everywhere are Llama 4 configs too: transformers
+    runs them from the exported config, and its logits are ours."""
+    ours = l4lab.from_transformers(hf)
+    ours.reconfigure(positions=positions, floor_scale=4)  # the temperature acts inside 19 tokens
+    ours.save_pretrained(tmp_path / positions)
+    reloaded = transformers.Llama4ForCausalLM.from_pretrained(
+        tmp_path / positions, dtype=torch.float32
+    ).eval()
+    reloaded.config._attn_implementation = "eager"
+    assert relative_error(logits(reloaded), logits(ours)) < 1e-5
+    assert relative_error(logits(l4lab.from_transformers(reloaded)), logits(ours)) < 1e-5
+
+
 def test_sharded_checkpoint_with_index(hf: transformers.Llama4ForCausalLM, tmp_path: Path) -> None:
     ours = l4lab.from_transformers(hf)
     interop.save_pretrained(ours, tmp_path / "sharded", max_shard_bytes=40_000)

@@ -108,3 +108,28 @@ def test_checkpoint_model_keeps_the_router_bias(data, tmp_path: Path) -> None:
     model = load_checkpoint_model(tmp_path / "ckpt")
     for a, b in zip(model.state_dict().values(), trainer.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_last_token_only_training_takes_the_same_steps() -> None:
+    """Scoring only the last token, the one-row last layer gives the loss and gradients of the full one."""
+    data = l4lab.data.induction_heads(16, 24, 16, seed=0)
+    config = l4lab.preset(
+        "tiny",
+        vocab_size=16,
+        num_layers=2,
+        nope_layer_interval=2,
+        attention_chunk_size=8,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    losses = []
+    for last_only in (False, True):
+        torch.manual_seed(0)
+        model = l4lab.Llama4(config)
+        train = TrainConfig(steps=3, batch_size=8, warmup_steps=1, last_token_only=last_only)
+        losses.append([h["loss"] for h in Trainer(model, data, None, train).run(progress=False)])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    with pytest.raises(ValueError, match="last_token_only needs data whose loss_mask"):
+        Trainer(
+            l4lab.Llama4(config), l4lab.data.corpus_dataset(32, 4000), None, TrainConfig(last_token_only=True)
+        )

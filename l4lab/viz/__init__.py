@@ -75,7 +75,14 @@ from l4lab.viz.kernels import (
     benchmark_rows,
     moe_tiles_figure,
 )
-from l4lab.viz.long_context import accuracy_vs_length_figure, kv_cache_figure, kv_cache_memory, needle_heatmap
+from l4lab.viz.long_context import (
+    accuracy_vs_length_figure,
+    kv_cache_figure,
+    kv_cache_memory,
+    needle_heatmap,
+    prefill_cost_figure,
+    table11_figure,
+)
 from l4lab.viz.models import loss_curves_figure, parameter_table
 from l4lab.viz.multimodal import (
     layout_summary,
@@ -132,6 +139,7 @@ __all__ = [
     "parameters_figure",
     "patches_figure",
     "plan_figure",
+    "prefill_cost_figure",
     "rank_wait_figure",
     "router_comparison_figure",
     "routing_stats_table",
@@ -139,6 +147,7 @@ __all__ = [
     "seed_spread_figure",
     "seed_statistics",
     "specialisation_figure",
+    "table11_figure",
     "temperature_figure",
     "tile_pictures",
     "tiles_figure",

@@ -1,9 +1,11 @@
-"""Long-context figures (notebooks 04 and 05): accuracy against test length, needle in a haystack, and
-the KV cache's memory, all layers global against iRoPE."""
+"""Long-context figures (notebooks 04, 05 and 08): accuracy against test length, needle in a haystack,
+the KV cache's memory (all layers global against iRoPE), Gu & Dao's Table 11 beside l4lab's rows, and
+the streaming prefill's cost per layer type."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
@@ -159,4 +161,99 @@ def kv_cache_figure(
         f"batch {batch}</sup>",
         "context length (tokens, log scale)",
         "KV cache (GB = 10⁹ bytes, log scale)",
+    )
+
+
+def table11_figure(summary: Mapping[str, Any]) -> go.Figure:
+    """Gu & Dao's Table 11 beside l4lab's rows: accuracy (%) against test length / training length.
+
+    ``summary`` is ``benchmarks/results/induction_sweep.json``: ``"published"`` rows (trained at 256,
+    drawn dashed at x = length / 256) and l4lab's ``"rows"`` (mean over seeds with min-max error bars
+    at x = length / their training length). Both axes share one scale, so rows trained at different
+    lengths compare at equal multiples of what they saw. Log-length x axis; chance is 1/15 = 6.7%.
+    """
+    fig = go.Figure()
+    published_lengths = summary["published_lengths"]
+    for i, (name, values) in enumerate(summary["published"].items()):
+        fig.add_trace(
+            go.Scatter(
+                x=[n / 256 for n in published_lengths],
+                y=values,
+                mode="lines+markers",
+                name=f"{name} (Gu & Dao)",
+                line=dict(color="grey", dash=("dash", "dot", "dashdot")[i % 3], width=1.5),
+                marker=dict(symbol="x", size=6),
+                hovertemplate=f"{name}, published, %{{x:g}}x: %{{y:.1f}}%<extra></extra>",
+            )
+        )
+    for i, row in enumerate(summary["rows"].values()):
+        train = row["setup"]["train_length"]
+        lengths = sorted(int(n) for n in row["lengths"])
+        cells = [row["lengths"][str(n)] for n in lengths]
+        fig.add_trace(
+            go.Scatter(
+                x=[n / train for n in lengths],
+                y=[c["mean"] for c in cells],
+                error_y=dict(
+                    type="data",
+                    symmetric=False,
+                    array=[c["max"] - c["mean"] for c in cells],
+                    arrayminus=[c["mean"] - c["min"] for c in cells],
+                    thickness=1,
+                ),
+                mode="lines+markers",
+                name=f"{row['label']} (l4lab, {len(row['seeds'])} seeds)",
+                line=dict(color=COLOURS[i % len(COLOURS)]),
+                hovertemplate=f"{row['label']}, %{{x:g}}x: %{{y:.1f}}%<extra></extra>",
+            )
+        )
+    vline(fig, 1, "training length")
+    hline(fig, 100 / 15, "chance", dash="dot")
+    ticks = [2.0**k for k in range(-2, 12)]
+    fig.update_xaxes(type="log", tickmode="array", tickvals=ticks, ticktext=[f"{t:g}x" for t in ticks])
+    fig.update_yaxes(range=[0, 105])
+    return finish(
+        fig,
+        "Induction heads: accuracy against length (Gu & Dao 2023, Table 11, and l4lab)",
+        "test length / training length (log scale)",
+        "accuracy (%)",
+    )
+
+
+def prefill_cost_figure(summary: Mapping[str, Any]) -> go.Figure:
+    """Seconds per layer against prompt length (log-log), per model and layer type.
+
+    ``summary`` is ``benchmarks/results/long_prefill.json``. A chunked layer's line should rise with
+    slope 1 (cost T x C), a global layer's with slope 2 (cost T^2): the fitted exponents are in the
+    legend.
+    """
+    fig = go.Figure()
+    series: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for run in summary["runs"]:
+        for kind in ("chunked", "global"):
+            times = [layer["seconds"] for layer in run["layers"][:-1] if layer["kind"] == kind]
+            if times:
+                series.setdefault((run["positions"], kind), []).append(
+                    (run["length"], sum(times) / len(times))
+                )
+    for i, ((positions, kind), points) in enumerate(series.items()):
+        slope = summary["exponents"].get(f"{positions}, {kind} layers")
+        slope_text = "" if slope is None else f", slope {slope:.2f}"
+        fig.add_trace(
+            go.Scatter(
+                x=[p[0] for p in points],
+                y=[p[1] for p in points],
+                mode="lines+markers",
+                name=f"{positions}: {kind} layer{slope_text}",
+                line=dict(color=COLOURS[i % len(COLOURS)]),
+                hovertemplate="%{x:,} tokens: %{y:.3g} s<extra></extra>",
+            )
+        )
+    fig.update_xaxes(type="log")
+    fig.update_yaxes(type="log")
+    return finish(
+        fig,
+        "Streaming prefill: seconds per layer against prompt length",
+        "prompt length (tokens, log scale)",
+        "seconds per layer (log scale)",
     )
