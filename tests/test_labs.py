@@ -147,6 +147,27 @@ def merge_image_features(embeddings, input_ids, features, image_token_id):
     return out
 
 
+def send_splits(expert_counts, world_size):
+    per_rank = len(expert_counts) // world_size
+    return [int(expert_counts[r * per_rank : (r + 1) * per_rank].sum()) for r in range(world_size)]
+
+
+def dispatch_order(experts, world_size, num_experts):
+    slots = experts.flatten().tolist()
+    return torch.tensor([s for e in range(num_experts) for s, chosen in enumerate(slots) if chosen == e])
+
+
+def combine(results, order, top_k):
+    per_slot = torch.empty_like(results)
+    per_slot[order] = results
+    return per_slot.unflatten(0, (-1, top_k)).sum(dim=1)
+
+
+def average_gradients(grads_per_rank):
+    total = sum(grads_per_rank)
+    return [total / len(grads_per_rank) for _ in grads_per_rank]
+
+
 SOLUTIONS = {
     "1.1": rms_norm,
     "1.2": rope_frequencies,
@@ -165,6 +186,10 @@ SOLUTIONS = {
     "6.1": pixel_shuffle,
     "6.2": add_class_token,
     "6.3": merge_image_features,
+    "7.1": send_splits,
+    "7.2": dispatch_order,
+    "7.3": combine,
+    "7.4": average_gradients,
 }
 
 
@@ -237,7 +262,8 @@ def test_l4lab_itself_passes(step):
 def test_steps_list_every_step_with_a_description():
     lines = labs.steps()
     lab5 = ["5.1", "5.2", "5.3"]  # lab 5's answers are in test_lab5.py
-    expected = [s for s in SOLUTIONS if s < "5"] + lab5 + [s for s in SOLUTIONS if s > "6"]
+    # 7.5 runs on 2 processes: tests/test_lab7.py checks it
+    expected = [s for s in SOLUTIONS if s < "5"] + lab5 + [s for s in SOLUTIONS if s > "6"] + ["7.5"]
     assert [line.split()[0] for line in lines] == expected
     assert lines[0].startswith("1.1  rms_norm(x, weight, eps) — ")
     assert all(len(line.split(" — ", 1)[1]) > 20 for line in lines)
@@ -414,6 +440,43 @@ def merge_into_first_positions(embeddings, input_ids, features, image_token_id):
     return out.view_as(embeddings)
 
 
+def splits_per_expert(expert_counts, world_size):
+    return expert_counts.tolist()
+
+
+def splits_experts_round_robin(expert_counts, world_size):
+    return [int(expert_counts[r::world_size].sum()) for r in range(world_size)]
+
+
+def splits_ranks_reversed(expert_counts, world_size):
+    return send_splits(expert_counts, world_size)[::-1]
+
+
+def order_of_the_tokens(experts, world_size, num_experts):
+    return torch.arange(experts.numel())
+
+
+def order_by_rank_only(experts, world_size, num_experts):
+    ranks = experts.flatten() // (num_experts // world_size)
+    return torch.argsort(ranks, stable=True)
+
+
+def combine_without_permutation(results, order, top_k):
+    return results.unflatten(0, (-1, top_k)).sum(dim=1)
+
+
+def combine_permuting_forward(results, order, top_k):
+    return results[order].unflatten(0, (-1, top_k)).sum(dim=1)
+
+
+def gradients_summed(grads_per_rank):
+    return [sum(grads_per_rank) for _ in grads_per_rank]
+
+
+def gradients_not_reduced(grads_per_rank):
+    return [g.clone() for g in grads_per_rank]
+
+
 WRONG = [
     ("1.1", rms_eps_outside, 4, "eps goes INSIDE the square root"),
     ("1.3", rope_rotate_half, 1, "Llama 4 pairs (2i, 2i+1), not (i, i+D/2)"),
@@ -441,6 +504,15 @@ WRONG = [
     ("6.2", class_token_first, 1, "Llama 4 APPENDS the class token after the patches"),
     ("6.3", merge_each_row_from_zero, 2, "row 1's placeholders continue where row 0's stopped"),
     ("6.3", merge_into_first_positions, 1, "the features go where the placeholders are"),
+    ("7.1", splits_per_expert, 1, "ONE split per RANK"),
+    ("7.1", splits_experts_round_robin, 1, "the experts are held in BLOCKS"),
+    ("7.1", splits_ranks_reversed, 1, "split i is the number of rows sent to rank i"),
+    ("7.2", order_of_the_tokens, 1, "sort the slots by expert"),
+    ("7.2", order_by_rank_only, 1, "sort by expert, not only by rank"),
+    ("7.3", combine_without_permutation, 1, "undo the dispatch order"),
+    ("7.3", combine_permuting_forward, 1, "applies the dispatch order a second time"),
+    ("7.4", gradients_summed, 1, "divide by the number of ranks"),
+    ("7.4", gradients_not_reduced, 1, "without an all-reduce the ranks hold different"),
 ]
 
 
@@ -641,6 +713,7 @@ def test_every_lab_has_an_exercise_and_a_solution_notebook():
         "lab4_routing_experiment.ipynb",
         "lab5_irope_length.ipynb",
         "lab6_multimodal.ipynb",
+        "lab7_expert_dispatch.ipynb",
     ]
     for exercise in EXERCISES:
         assert (LAB_NOTEBOOKS / "solutions" / exercise.name).exists()

@@ -30,12 +30,12 @@ the case that triggered them and the line of the student's code that raised.
 ======================  =========================================================================
 
 The labs (``LABS``): 1 ``rmsnorm_rope``, 2 ``router_moe``, 3 ``chunked_attention``,
-4 ``routing_experiment``, 5 ``irope_length``, 6 ``multimodal``. A step is named ``"<lab>.<step>"``,
-e.g. ``"1.3"`` (``"rmsnorm_rope.3"`` works too).
+4 ``routing_experiment``, 5 ``irope_length``, 6 ``multimodal``, 7 ``expert_dispatch``. A step is named
+``"<lab>.<step>"``, e.g. ``"1.3"`` (``"rmsnorm_rope.3"`` works too).
 
 The package: ``core.py`` holds the machinery every lab shares (cases, typical mistakes, steps,
 comparisons, the registry); each lab is one module, ``lab1_rmsnorm_rope.py`` to
-``lab6_multimodal.py``, holding its references, cases, typical mistakes and steps, and ending
+``lab7_expert_dispatch.py``, holding its references, cases, typical mistakes and steps, and ending
 with ``register_lab(...)``. A teacher adds a lab by adding such a module and importing it below.
 """
 
@@ -47,6 +47,7 @@ from l4lab.labs import (  # noqa: F401
     lab4_routing_experiment,
     lab5_irope_length,
     lab6_multimodal,
+    lab7_expert_dispatch,
 )
 from l4lab.labs.core import LABS, CheckResult, case, check, hint, steps
 from l4lab.labs.core import step_table as _steps_table  # noqa: F401  (the tests read every step)
