@@ -74,8 +74,8 @@ def test_bad_generation_arguments(model: l4lab.Llama4) -> None:
 
 
 def test_bad_toggle_value(model: l4lab.Llama4) -> None:
-    with pytest.raises(ValueError, match=r"Config\.positions = 'nope'"):
-        model.set_positions("nope")
+    with pytest.raises(ValueError, match=r"Config\.positions = 'alibi' is not allowed: 'irope' or 'rope'"):
+        model.set_positions("alibi")
     assert model.config.positions == "irope"
 
 

@@ -19,7 +19,11 @@ def faults():
     spec = importlib.util.spec_from_file_location("l4lab_faults", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules["l4lab_faults"] = module
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(SCRIPT.parent))  # the script imports benchmarks/machine.py beside it
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
     yield module
     del sys.modules["l4lab_faults"]
 
