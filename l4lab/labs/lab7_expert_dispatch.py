@@ -486,7 +486,7 @@ STEPS: tuple[Step, ...] = (
         _cases_send_splits,
         _compare_splits,
         _SPLITS_MISTAKES,
-        "expert_counts.view(world_size, -1).sum(1).tolist(): rank r's experts are a contiguous block.",
+        "rank r holds a contiguous block of experts: its split is the number of rows sent to that block.",
         hints=Hints(
             "all_to_all_single needs, for every destination rank, how many rows go there",
             "split[r] = sum of expert_counts[e] for r * E/N <= e < (r + 1) * E/N",
@@ -501,7 +501,7 @@ STEPS: tuple[Step, ...] = (
         _cases_dispatch_order,
         lambda e, g: compare_tensor(e, g, "order"),
         _ORDER_MISTAKES,
-        "torch.argsort(experts.reshape(-1), stable=True): slot s = token * top_k + choice.",
+        "rows leave grouped by expert (so by rank), ties in token order; slot s = token * top_k + choice.",
         hints=Hints(
             "the rows for rank 0 go first, then rank 1's...; inside a rank's block, its experts in order",
             "order = the slots sorted by their expert id, ties kept in token order",
@@ -516,7 +516,7 @@ STEPS: tuple[Step, ...] = (
         _cases_combine,
         lambda e, g: compare_tensor(e, g, "combined"),
         _COMBINE_MISTAKES,
-        "per_slot = results[torch.argsort(order)]; per_slot.view(-1, top_k, D).sum(1).",
+        "results return in the order they were sent: put each in its slot, add a token's top_k results.",
         hints=Hints(
             "undo the permutation of 7.2, then add each token's top_k results",
             "per_slot[order[i]] = results[i]; out[t] = sum over c of per_slot[t * top_k + c]",
@@ -531,7 +531,7 @@ STEPS: tuple[Step, ...] = (
         _cases_average_gradients,
         _compare_per_rank,
         _GRADIENT_MISTAKES,
-        "mean = torch.stack(grads_per_rank).mean(0); return [mean] * len(grads_per_rank).",
+        "after the all-reduce every rank holds the same gradient: the mean over the ranks' gradients.",
         hints=Hints(
             "every rank must step with the gradient of the GLOBAL batch's mean loss, the same everywhere",
             "g = (g_0 + ... + g_{N-1}) / N on every rank (all_reduce with SUM, then divide by N)",
