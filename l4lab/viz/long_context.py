@@ -302,22 +302,12 @@ def cache_trace_figure(
         row=1,
         col=1,
     )
-    fig.add_scatter(
-        x=steps,
-        y=[b / 1024 for b in irope_bytes],
-        name="iRoPE, whole cache",
-        line=dict(color="black"),
-        row=1,
-        col=2,
-    )
-    fig.add_scatter(
-        x=steps,
-        y=[b / 1024 for b in rope_bytes],
-        name="RoPE (all global), whole cache",
-        line=dict(color="grey", dash="dash"),
-        row=1,
-        col=2,
-    )
+    whole_cache = {
+        "iRoPE, whole cache": (irope_bytes, dict(color="black")),
+        "RoPE (all global), whole cache": (rope_bytes, dict(color="grey", dash="dash")),
+    }
+    for name, (nbytes, line) in whole_cache.items():
+        fig.add_scatter(x=steps, y=[b / 1024 for b in nbytes], name=name, line=line, row=1, col=2)
     fig.update_xaxes(title_text="tokens in the context")
     fig.update_yaxes(title_text="keys cached", row=1, col=1)
     fig.update_yaxes(title_text="KiB", row=1, col=2)
