@@ -65,7 +65,7 @@ from l4lab.data import TokenDataset
 from l4lab.model import Llama4, MoE, RoutingRecord
 from l4lab.ops import EAGER, Ops
 from l4lab.storage import SafetensorsFile, atomic_write_text, read_json, save_safetensors
-from l4lab.train import TrainConfig, Trainer, learning_rate
+from l4lab.train import TrainConfig, Trainer, backward_at, with_balance_terms
 
 BACKENDS = ("gloo", "nccl")
 
@@ -460,15 +460,8 @@ class ExpertParallelTrainer(Trainer):
         self.model.train()
         batch = self.sampler.next()
         lm_share, switch_share, z_share, routing = self.loss_shares(batch)
-        loss = lm_share + config.z_loss_coef * z_share
-        if config.balance == "switch":
-            loss = loss + config.switch_coef * switch_share
-
-        lr = learning_rate(self.step_count, config)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = with_balance_terms(lm_share, switch_share, z_share, config)
+        lr = backward_at(self.step_count, loss, self.optimizer, config)
         self.synchronise_gradients()
         grad_norm = self.clip_gradients()
         self.optimizer.step()

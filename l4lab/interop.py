@@ -90,24 +90,15 @@ CONFIG_CHECKSUM_KEY = "l4lab.config_sha256"  # in model.safetensors' or the inde
 
 
 # ---------------------------------------------------------------------- configuration
-def to_transformers_config(config: Config, dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """The ``config.json`` of a transformers ``Llama4ForCausalLM`` with the same behaviour.
-
-    The l4lab config itself is kept under the key ``"l4lab"``, so that fields transformers has no
-    place for (the chunk size of a model switched to global RoPE) come back on loading.
-    """
-    plan = config.layer_plan()
-    chunked = any(spec.chunk_size is not None for spec in plan)
+def _decoder_fields(config: Config) -> dict[str, Any]:
+    """The transformers config fields every Llama decoder shares (Llama 2/3, Mixtral and Llama 4):
+    sizes, heads, activation, norm epsilon, RoPE (with Llama 3.1's scaling), no biases, untied head."""
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
     if config.rope_scaling is not None:
         rope.update(rope_type="llama3", **vars(config.rope_scaling))
-    hf: dict[str, Any] = {
-        "architectures": ["Llama4ForCausalLM"],
-        "model_type": "llama4_text",
+    return {
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
-        "intermediate_size": config.moe_intermediate_size,
-        "intermediate_size_mlp": config.dense_intermediate_size,
         "num_hidden_layers": config.num_layers,
         "num_attention_heads": config.num_heads,
         "num_key_value_heads": config.num_kv_heads,
@@ -116,6 +107,27 @@ def to_transformers_config(config: Config, dtype: torch.dtype | None = None) -> 
         "max_position_embeddings": config.max_position_embeddings,
         "rms_norm_eps": config.rms_norm_eps,
         "rope_parameters": rope,
+        "attention_bias": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+    }
+
+
+def to_transformers_config(config: Config, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """The ``config.json`` of a transformers ``Llama4ForCausalLM`` with the same behaviour.
+
+    The l4lab config itself is kept under the key ``"l4lab"``, so that fields transformers has no
+    place for (the chunk size of a model switched to global RoPE) come back on loading.
+    """
+    plan = config.layer_plan()
+    chunked = any(spec.chunk_size is not None for spec in plan)
+    hf: dict[str, Any] = {
+        "architectures": ["Llama4ForCausalLM"],
+        "model_type": "llama4_text",
+        **_decoder_fields(config),
+        "intermediate_size": config.moe_intermediate_size,
+        "intermediate_size_mlp": config.dense_intermediate_size,
         "num_local_experts": config.num_experts,
         "num_experts_per_tok": config.top_k,
         "interleave_moe_layer_step": config.moe_layer_step,
@@ -127,10 +139,6 @@ def to_transformers_config(config: Config, dtype: torch.dtype | None = None) -> 
         "floor_scale": config.floor_scale,
         "attn_scale": config.attn_scale,
         "use_qk_norm": config.use_qk_norm,
-        "attention_bias": False,
-        "tie_word_embeddings": False,
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
         "l4lab": config.to_dict(),
     }
     if dtype is not None:
@@ -584,29 +592,13 @@ def check_layout(config: Config, layout: str) -> None:
 
 def _layout_config(config: Config, layout: str) -> dict[str, Any]:
     """The ``config.json`` of a transformers ``LlamaForCausalLM`` or ``MixtralForCausalLM``."""
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
-    if config.rope_scaling is not None:
-        rope.update(rope_type="llama3", **vars(config.rope_scaling))
     hf: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM" if layout == "llama" else "MixtralForCausalLM"],
         "model_type": layout,
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
+        **_decoder_fields(config),
         "intermediate_size": (
             config.dense_intermediate_size if layout == "llama" else config.moe_intermediate_size
         ),
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads,
-        "head_dim": config.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": config.max_position_embeddings,
-        "rms_norm_eps": config.rms_norm_eps,
-        "rope_parameters": rope,
-        "attention_bias": False,
-        "tie_word_embeddings": False,
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
     }
     if layout == "llama":
         hf.update(mlp_bias=False, pretraining_tp=1)

@@ -120,6 +120,26 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def with_balance_terms(loss: Tensor, switch: Tensor, z_loss: Tensor, config: TrainConfig) -> Tensor:
+    """The loss to minimise: ``loss`` plus the router z-loss, plus the Switch loss when that is the
+    balancing method (the auxiliary-loss-free method adds nothing to the loss: it moves a bias)."""
+    loss = loss + config.z_loss_coef * z_loss
+    if config.balance == "switch":
+        loss = loss + config.switch_coef * switch
+    return loss
+
+
+def backward_at(step: int, loss: Tensor, optimizer: torch.optim.Optimizer, config: TrainConfig) -> float:
+    """Set step ``step``'s learning rate (warm-up + cosine), clear old gradients, backpropagate ``loss``.
+    Returns the learning rate; clipping and the optimiser step are the caller's."""
+    lr = learning_rate(step, config)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    return lr
+
+
 def language_model_loss(logits: Tensor, batch: TokenDataset) -> Tensor:
     """Next-token cross-entropy of ``logits`` [B, T-1, V] against ``batch.tokens[:, 1:]``, masked."""
     targets = batch.tokens[:, 1:]
@@ -230,15 +250,8 @@ class Trainer:
             weight = distillation_weight(self.step_count, config)
             loss = weight * soft + (1.0 - weight) * lm_loss
             distilled = {"distill_loss": float(soft.detach()), "distill_weight": weight}
-        loss = loss + config.z_loss_coef * z_loss
-        if config.balance == "switch":
-            loss = loss + config.switch_coef * switch
-
-        lr = learning_rate(self.step_count, config)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = with_balance_terms(loss, switch, z_loss, config)
+        lr = backward_at(self.step_count, loss, self.optimizer, config)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
         self.optimizer.step()
         if config.balance == "aux_free":
