@@ -144,3 +144,10 @@ def test_grounding_figure_lays_the_attention_over_each_picture() -> None:
     assert [decode_png(trace.source).shape for trace in fig.data if trace.type == "image"] == [
         (32, 32, 3)
     ] * 2
+
+
+def test_grounding_figure_without_attention_shows_the_pictures_only() -> None:
+    fig = viz.grounding_figure([pattern_image(32, 32)], None, ["a picture"], "")
+    assert [trace.type for trace in fig.data] == ["image"]
+    with pytest.raises(ValueError, match="2 attention grids for 1 pictures"):
+        viz.grounding_figure([pattern_image(32, 32)], np.ones((2, 2, 2)), ["a picture"], "")

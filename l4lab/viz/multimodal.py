@@ -290,15 +290,23 @@ def image_attention(
 
 
 def grounding_figure(
-    pictures: Sequence[np.ndarray], attention: np.ndarray, titles: Sequence[str], title: str
+    pictures: Sequence[np.ndarray], attention: np.ndarray | None, titles: Sequence[str], title: str
 ) -> go.Figure:
-    """Each picture with the answer's attention to its tokens laid over it (:func:`image_attention`):
-    the brighter a square, the larger the share of the attention that falls on that token's pixels."""
+    """Pictures side by side, each with the answer's attention to its tokens laid over it
+    (:func:`image_attention`, [pictures, side, side]): the more magenta a square, the larger the share of
+    the attention that falls on that token's pixels. ``attention=None`` shows the pictures alone."""
     fig = make_subplots(rows=1, cols=len(pictures), subplot_titles=list(titles))
-    top = float(attention.max())
-    for i, (picture, grid) in enumerate(zip(pictures, attention, strict=True)):
-        step = picture.shape[0] / grid.shape[0]
+    for i, picture in enumerate(pictures):
         fig.add_trace(_picture(picture), row=1, col=i + 1)
+    if attention is None:
+        attention = np.zeros((0, 1, 1))
+    elif len(attention) != len(pictures):
+        raise ValueError(
+            f"{len(attention)} attention grids for {len(pictures)} pictures: pass one per picture"
+        )
+    top = float(attention.max(initial=0.0))
+    for i, grid in enumerate(attention):
+        step = pictures[i].shape[0] / grid.shape[0]
         fig.add_trace(
             go.Heatmap(
                 z=grid,
