@@ -8,6 +8,8 @@ import struct
 import zlib
 
 import numpy as np
+import pytest
+import torch
 
 import l4lab
 from l4lab import viz
@@ -78,3 +80,74 @@ def test_parameter_parts_add_up_to_count_params() -> None:
         parts = viz.parameter_parts(config)
         assert sum(parts.values()) == l4lab.count_params(config)[0]
         assert parts["34 encoder layers (+ LayerNorms before and after)"] == 809_473_280
+
+
+def fusion_results() -> dict:
+    """A results file of benchmarks/multimodal_fusion.py's shape, two seeds, two question types."""
+    runs = [
+        {
+            "accuracy": {"blind": {"colour": 0.25, "count": 0.2}, "sees": {"colour": 0.9, "count": 0.5}},
+            "routing_tv": {"early fusion": [0.5, 0.1], "untrained": [0.2, 0.2]},
+        },
+        {
+            "accuracy": {"blind": {"colour": 0.27, "count": 0.3}, "sees": {"colour": 1.0, "count": 0.7}},
+            "routing_tv": {"early fusion": [0.7, 0.3], "untrained": [0.0, 0.4]},
+        },
+    ]
+    return {
+        "question_types": ["colour", "count"],
+        "variants": ["blind", "sees"],
+        "chance": {"colour": 0.25, "count": 0.25},
+        "runs": runs,
+    }
+
+
+def test_fusion_accuracy_figure_shows_means_seeds_and_chance() -> None:
+    fig = viz.fusion_accuracy_figure(fusion_results())
+    bars = [trace for trace in fig.data if trace.type == "bar"]
+    assert [bar.name.split(" (")[0] for bar in bars] == ["blind", "sees"]
+    assert np.allclose(bars[1].y, [95.0, 60.0])
+    dots = [trace for trace in fig.data if trace.type == "scatter" and trace.name.endswith("one seed")]
+    assert sorted(dots[1].y) == [50.0, 70.0, 90.0, 100.0]
+    (chance,) = [trace for trace in fig.data if trace.name.startswith("chance")]
+    assert list(chance.y) == [25.0, 25.0]
+
+
+def test_modality_routing_figure_shows_each_layer_trained_and_untrained() -> None:
+    fig = viz.modality_routing_figure(fusion_results())
+    bars = [trace for trace in fig.data if trace.type == "bar"]
+    assert np.allclose(bars[0].y, [0.6, 0.2]) and np.allclose(bars[1].y, [0.1, 0.3])
+    assert list(bars[0].x) == ["layer 0", "layer 1"]
+
+
+def test_image_attention_keeps_the_image_tokens_of_one_query() -> None:
+    # row 1 of a batch: [bos, 4 tokens of picture one, word, 4 tokens of picture two, word]; ids 9 = image
+    ids = torch.tensor([[0] * 11, [1, 9, 9, 9, 9, 5, 9, 9, 9, 9, 6]])
+    attention = torch.zeros(2, 2, 3, 11, 11)  # [layers] x [B, heads, T, T]
+    attention[0, 1, :, 10, 2] = 0.3  # layer 0: token (0, 1) of picture one
+    attention[1, 1, :, 10, 9] = 0.1  # layer 1: token (1, 1) of picture two
+    attention[:, 1, :, 10, 5] = 0.6  # a word: not an image token, dropped
+    grids = viz.image_attention(list(attention), ids, row=1, query=10, image_token_id=9, side=2)
+    assert grids.shape == (2, 2, 2)
+    assert np.allclose(grids[0], [[0, 0.75], [0, 0]]) and np.allclose(grids[1], [[0, 0], [0, 0.25]])
+    with pytest.raises(ValueError, match="not a multiple of side x side = 9"):
+        viz.image_attention(list(attention), ids, row=1, query=10, image_token_id=9, side=3)
+
+
+def test_grounding_figure_lays_the_attention_over_each_picture() -> None:
+    pictures = [pattern_image(32, 32), pattern_image(32, 32, seed=1)]
+    attention = np.arange(8, dtype=float).reshape(2, 2, 2) / 28
+    fig = viz.grounding_figure(pictures, attention, ["first", "second"], "where the answer looks")
+    heatmaps = [trace for trace in fig.data if trace.type == "heatmap"]
+    assert len(heatmaps) == 2 and heatmaps[1].dx == 16 and heatmaps[1].x0 == 7.5
+    assert np.allclose(heatmaps[1].z, attention[1]) and heatmaps[0].zmax == attention.max()
+    assert [decode_png(trace.source).shape for trace in fig.data if trace.type == "image"] == [
+        (32, 32, 3)
+    ] * 2
+
+
+def test_grounding_figure_without_attention_shows_the_pictures_only() -> None:
+    fig = viz.grounding_figure([pattern_image(32, 32)], None, ["a picture"], "")
+    assert [trace.type for trace in fig.data] == ["image"]
+    with pytest.raises(ValueError, match="2 attention grids for 1 pictures"):
+        viz.grounding_figure([pattern_image(32, 32)], np.ones((2, 2, 2)), ["a picture"], "")

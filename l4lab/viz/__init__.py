@@ -26,7 +26,9 @@ kernels                            :func:`attention_tiles_figure`, :func:`moe_ti
 expert parallelism                 :func:`traffic_figure`, :func:`rank_wait_figure`, :func:`plan_figure`,
                                    :func:`ep_cost_figure`
 multimodal                         :func:`tiles_figure`, :func:`patches_figure`, :func:`parameters_figure`
-                                   (numbers: :func:`parameter_parts`; text: :func:`layout_summary`)
+                                   (numbers: :func:`parameter_parts`; text: :func:`layout_summary`),
+                                   :func:`fusion_accuracy_figure`, :func:`modality_routing_figure`,
+                                   :func:`grounding_figure` (numbers: :func:`image_attention`)
 the herd and its rivals            :func:`family_table_figure`, :func:`toggle_steps_figure`,
                                    :func:`router_comparison_figure`, :func:`same_expert_figure`,
                                    :func:`distillation_figure`
@@ -87,7 +89,11 @@ from l4lab.viz.long_context import (
 )
 from l4lab.viz.models import loss_curves_figure, parameter_table
 from l4lab.viz.multimodal import (
+    fusion_accuracy_figure,
+    grounding_figure,
+    image_attention,
     layout_summary,
+    modality_routing_figure,
     parameter_parts,
     parameters_figure,
     patches_figure,
@@ -128,12 +134,16 @@ __all__ = [
     "expert_colours",
     "expert_load_figure",
     "family_table_figure",
+    "fusion_accuracy_figure",
+    "grounding_figure",
+    "image_attention",
     "kv_cache_figure",
     "kv_cache_memory",
     "layer_label",
     "layer_stack_figure",
     "layout_summary",
     "loss_curves_figure",
+    "modality_routing_figure",
     "moe_block_figure",
     "moe_tiles_figure",
     "needle_heatmap",

@@ -1,5 +1,7 @@
 """Multimodal figures (notebook 07): an image's path to tokens, drawn on the image itself, the prompt
-layout, and where a multimodal model's parameters go."""
+layout, where a multimodal model's parameters go, and what a trained one does: accuracy per question
+type of early fusion against a late adapter and a blind model, routing of image and text tokens, and
+the attention of the answer to the picture (grounding)."""
 
 from __future__ import annotations
 
@@ -7,15 +9,18 @@ import base64
 import re
 import struct
 import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
+import torch
 from plotly.subplots import make_subplots
 from torch import Tensor
 
 from l4lab.config import Config, VisionConfig, count_params, vision_parameters
 from l4lab.images import ImageProcessor, ProcessedImages
-from l4lab.viz.common import COLOURS, count_label, finish
+from l4lab.viz.common import COLOURS, count_label, finish, to_numpy
 
 
 def png_data_url(pixels: np.ndarray) -> str:
@@ -163,3 +168,162 @@ def parameters_figure(parts: dict[str, int]) -> go.Figure:
     fig.update_xaxes(type="log")
     fig.update_yaxes(autorange="reversed")
     return finish(fig, "Where the parameters go (log scale)", "parameters", None, height=340)
+
+
+# ---------------------------------------------------------------------- a trained multimodal model
+def _seed_values(runs: Sequence[Mapping[str, Any]], *keys: str) -> list[float]:
+    values = []
+    for run in runs:
+        value: Any = run
+        for key in keys:
+            value = value[key]
+        values.append(float(value))
+    return values
+
+
+def fusion_accuracy_figure(results: Mapping[str, Any]) -> go.Figure:
+    """Accuracy (%) per question type and variant: a bar at the mean of the seeds, a dot per seed, and
+    the chance level of each type (a grey dash): what a model that cannot see the picture scores.
+
+    ``results`` is ``benchmarks/results/multimodal_fusion.json`` as a dict (``runs``, ``variants``,
+    ``question_types``, ``chance``)."""
+    kinds, runs = results["question_types"], results["runs"]
+    fig = go.Figure()
+    for i, variant in enumerate(results["variants"]):
+        colour = COLOURS[i % len(COLOURS)]
+        per_seed = {kind: [100 * v for v in _seed_values(runs, "accuracy", variant, kind)] for kind in kinds}
+        fig.add_bar(
+            x=kinds,
+            y=[float(np.mean(per_seed[kind])) for kind in kinds],
+            name=f"{variant} (mean of {len(runs)} seeds)",
+            marker_color=colour,
+            opacity=0.75,
+            offsetgroup=variant,
+            hovertemplate=f"{variant}, %{{x}}: mean %{{y:.1f}}%<extra></extra>",
+        )
+        fig.add_scatter(
+            x=[kind for kind in kinds for _ in runs],
+            y=[value for kind in kinds for value in per_seed[kind]],
+            mode="markers",
+            marker=dict(color="black", size=5),
+            name=f"{variant}: one seed",
+            offsetgroup=variant,
+            showlegend=i == 0,
+            legendgroup="seeds",
+            hovertemplate=f"{variant}, %{{x}}: %{{y:.1f}}%<extra>one seed</extra>",
+        )
+    fig.add_scatter(
+        x=kinds,
+        y=[100 * results["chance"][kind] for kind in kinds],
+        mode="markers",
+        marker=dict(symbol="line-ew", size=60, line=dict(width=2, color="grey")),
+        name="chance (a blind guess)",
+        hovertemplate="chance, %{x}: %{y:.0f}%<extra></extra>",
+    )
+    fig.update_yaxes(range=[0, 105])
+    return finish(
+        fig,
+        "Who can answer? Held-out accuracy per question type",
+        "question type",
+        "accuracy (%)",
+        barmode="group",
+        scattermode="group",
+        height=420,
+    )
+
+
+def modality_routing_figure(results: Mapping[str, Any]) -> go.Figure:
+    """Per MoE layer, the total-variation distance between the experts chosen by image tokens and by text
+    tokens (0: the same mix of experts; 1: no expert in common), trained early fusion against the same
+    model untrained: a bar at the mean of the seeds and a dot per seed."""
+    runs = results["runs"]
+    layers = range(len(runs[0]["routing_tv"]["untrained"]))
+    fig = go.Figure()
+    for i, model in enumerate(("early fusion", "untrained")):
+        per_layer = [[run["routing_tv"][model][layer] for run in runs] for layer in layers]
+        labels = [f"layer {layer}" for layer in layers]
+        fig.add_bar(
+            x=labels,
+            y=[float(np.mean(values)) for values in per_layer],
+            name=f"{model} (mean of {len(runs)} seeds)",
+            marker_color=COLOURS[2] if i == 0 else "lightgrey",
+            offsetgroup=model,
+        )
+        fig.add_scatter(
+            x=[label for label, values in zip(labels, per_layer, strict=True) for _ in values],
+            y=[value for values in per_layer for value in values],
+            mode="markers",
+            marker=dict(color="black", size=5),
+            offsetgroup=model,
+            name="one seed",
+            showlegend=i == 0,
+        )
+    fig.update_yaxes(range=[0, 1])
+    return finish(
+        fig,
+        "Do image tokens go to other experts than text tokens?",
+        "MoE layer",
+        "total-variation distance",
+        barmode="group",
+        scattermode="group",
+        height=380,
+    )
+
+
+def image_attention(
+    attentions: Sequence[Tensor], input_ids: Tensor, row: int, query: int, image_token_id: int, side: int
+) -> np.ndarray:
+    """Where one query looks in the pictures: [images, side, side], summing to one over all image tokens.
+
+    ``attentions``: per layer [B, heads, T, T] (a model's ``return_attention=True``); the weights of
+    ``query`` in ``row`` are averaged over layers and heads, kept on the ``image_token_id`` placeholders
+    (``side * side`` per picture, in reading order) and divided by their sum.
+    """
+    weights = torch.stack([layer[row, :, query] for layer in attentions]).mean(dim=(0, 1))  # [T]
+    on_images = weights[input_ids[row] == image_token_id]
+    if on_images.numel() == 0 or on_images.numel() % (side * side):
+        raise ValueError(
+            f"row {row} holds {on_images.numel()} image tokens, not a multiple of side x side = "
+            f"{side * side}: pass the side of one picture's token grid"
+        )
+    return to_numpy(on_images / on_images.sum()).reshape(-1, side, side)
+
+
+def grounding_figure(
+    pictures: Sequence[np.ndarray], attention: np.ndarray | None, titles: Sequence[str], title: str
+) -> go.Figure:
+    """Pictures side by side, each with the answer's attention to its tokens laid over it
+    (:func:`image_attention`, [pictures, side, side]): the more magenta a square, the larger the share of
+    the attention that falls on that token's pixels. ``attention=None`` shows the pictures alone."""
+    fig = make_subplots(rows=1, cols=len(pictures), subplot_titles=list(titles))
+    for i, picture in enumerate(pictures):
+        fig.add_trace(_picture(picture), row=1, col=i + 1)
+    if attention is None:
+        attention = np.zeros((0, 1, 1))
+    elif len(attention) != len(pictures):
+        raise ValueError(
+            f"{len(attention)} attention grids for {len(pictures)} pictures: pass one per picture"
+        )
+    top = float(attention.max(initial=0.0))
+    for i, grid in enumerate(attention):
+        step = pictures[i].shape[0] / grid.shape[0]
+        fig.add_trace(
+            go.Heatmap(
+                z=grid,
+                x0=step / 2 - 0.5,
+                dx=step,
+                y0=step / 2 - 0.5,
+                dy=step,
+                zmin=0,
+                zmax=top,
+                colorscale=[[0, "rgba(255,255,255,0)"], [1, "rgba(255,0,255,0.75)"]],
+                showscale=i == 0,
+                colorbar=dict(title="attention share"),
+                hovertemplate="attention share %{z:.1%}<extra></extra>",
+            ),
+            row=1,
+            col=i + 1,
+        )
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False, autorange="reversed")
+    return finish(fig, title, None, None, height=340)
