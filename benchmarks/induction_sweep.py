@@ -235,6 +235,11 @@ def discussion(summary: dict) -> str:
         found = cell(key, multiple)
         return "-" if found is None else f"{found['mean']:.0f}%"
 
+    longest = LONG_LENGTHS[-1]
+    at_longest = rows.get("irope", {}).get("lengths", {}).get(str(longest))
+    irope_train = rows.get("irope", {}).get("setup", {}).get("train_length", 1)
+    chunk = rows.get("irope", {}).get("setup", {}).get("chunk")
+
     published = dict(zip((n / 256 for n in PUBLISHED_LENGTHS), PUBLISHED_TABLE_11["MHA-RoPE"], strict=True))
     pairs = [
         f"{_multiple(m)} {at('rope', m)} (paper {published[m]:g}, "
@@ -250,8 +255,8 @@ def discussion(summary: dict) -> str:
   test rows at 2^13 and 2^14, one row is 3 points: the tail is chance in both. The paper reports one
   number per cell, not a spread over seeds.
 - **Past the paper:** iRoPE holds {at("irope", 64)} at 64x (where the paper's RoPE has 5.5%) and
-  {at("irope", LONG_LENGTHS[-1] / 256)} at 2^17 tokens when trained at 256 (the paper's attention
-  models ran out of memory past 2^14).
+  {"-" if at_longest is None else f"{at_longest['mean']:.0f}%"} at 2^17 tokens ({longest // irope_train}x;
+  the paper's attention models ran out of memory past 2^14).
 - **Attribution.** Chunking alone (RoPE+chunked) scores {at("chunked", 1)} at the training length (only
   rows whose first trigger lies in the last chunk are solvable) and {at("chunked", 16)} at 16x. NoPE
   alone scores {at("nope", 1)} at 1x and {at("nope", 16)} at 16x. Temperature tuning: iRoPE without
@@ -259,7 +264,7 @@ def discussion(summary: dict) -> str:
 - **iRoPE's misses are the blind spot**: on rows whose answer does not open a chunk, the lowest
   accuracy over every length and seed is {other_min.get("irope", "-")} for iRoPE
   ({other_min.get("irope-no-temperature", "-")} without temperature tuning; per cell in the cells'
-  JSON, other_accuracy); on the 1/chunk of rows whose answer opens a chunk it is near chance.
+  JSON, other_accuracy); on the rows whose answer opens a chunk (1 in {chunk}) it is near chance.
 """
 
 
