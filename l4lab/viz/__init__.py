@@ -14,7 +14,8 @@ attention                          :func:`attention_map_figure`, :func:`attentio
                                    :func:`attention_row_entropy`),
                                    :func:`temperature_figure`
 long context                       :func:`accuracy_vs_length_figure`, :func:`needle_heatmap`,
-                                   :func:`kv_cache_figure` (numbers: :func:`kv_cache_memory`)
+                                   :func:`kv_cache_figure` (numbers: :func:`kv_cache_memory`),
+                                   :func:`cache_trace_figure`
 models and training                :func:`parameter_table`, :func:`loss_curves_figure`
 experiments                        :func:`seed_spread_figure` (numbers: :func:`seed_statistics`),
                                    :func:`decode_time_figure`
@@ -77,6 +78,7 @@ from l4lab.viz.kernels import (
 )
 from l4lab.viz.long_context import (
     accuracy_vs_length_figure,
+    cache_trace_figure,
     kv_cache_figure,
     kv_cache_memory,
     needle_heatmap,
@@ -118,6 +120,7 @@ __all__ = [
     "attention_tiles_figure",
     "benchmark_figure",
     "benchmark_rows",
+    "cache_trace_figure",
     "decode_time_figure",
     "decoder_layer_figure",
     "distillation_figure",
