@@ -1,8 +1,9 @@
 """Why iRoPE holds: the attention of a trained 2-layer iRoPE model as the context grows to 2^17 tokens.
 
-Trains the sweep's iRoPE model (``l4lab.induction.InductionSetup``, seed 0; the same recipe as
-``benchmarks/induction_sweep.py``), saves it (``benchmarks/results/induction_mechanism/irope-seed0/``, a
-transformers-compatible checkpoint of 0.3 MB that notebook 08 loads), and measures on held-out rows at
+Trains the first sweep's iRoPE model (``l4lab.induction.InductionSetup``, seed 0, trained at 64
+tokens: the recipe of ``benchmarks/induction_sweep.py --train-length 64``), saves it
+(``benchmarks/results/induction_mechanism/irope-seed0/``, a transformers-compatible checkpoint of 0.3 MB
+that notebook 08 loads), and measures on held-out rows at
 2^6 ... 2^17 tokens:
 
 * layer 1 (NoPE, global): the final query's attention entropy (nats) and its attention mass on the
@@ -156,7 +157,7 @@ def markdown(summary: dict) -> str:
 
 
 def main() -> int:
-    setup = InductionSetup(positions="irope", seed=0)
+    setup = InductionSetup(positions="irope", train_length=64, seed=0)  # the committed checkpoint's
     checkpoint = RESULTS / "irope-seed0"
     if (checkpoint / "model.safetensors").exists():
         model = l4lab.load_pretrained(checkpoint).eval()

@@ -38,7 +38,8 @@ With a time limit the learning-rate schedule is fitted to the time (:func:`train
 two-minute run ends with a fully decayed learning rate rather than being cut off mid-way.
 
 ``induction`` trains one 2-layer model of Gu & Dao's Table 11 (``l4lab.induction``: ``--positions
-irope|rope|nope|chunked``, ``--no-temperature``, ``--chunk``) and writes its accuracy at every test
+irope|rope|nope|chunked``, ``--no-temperature``, ``--chunk``; trained at the paper's 256 through rows
+of 64 and 128 first, ``--no-curriculum`` to start at ``--train-length``) and writes its accuracy at every test
 length, split at the chunk boundaries, into ``--out``/results.json (refusing to replace one without
 ``--overwrite``); ``benchmarks/induction_sweep.py`` runs the whole table this way.
 
@@ -70,7 +71,7 @@ from torch import Tensor
 from l4lab import classroom, viz
 from l4lab.config import POSITION_CHOICES, count_params, preset, preset_names
 from l4lab.data import DOMAINS, TokenDataset, corpus_dataset, induction_heads, mixture
-from l4lab.induction import InductionSetup, run_induction
+from l4lab.induction import InductionSetup, length_stages, run_induction
 from l4lab.interop import load_pretrained
 from l4lab.model import Llama4, Llama4Output
 from l4lab.report import atomic_write_text, format_value, write_report
@@ -766,7 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-length",
         type=_at_most(MAX_SEQ_LEN),
         default=defaults.train_length,
-        help="(64; the paper: 256)",
+        help=f"({defaults.train_length}, the paper's; shorter rows first, see --no-curriculum)",
     )
     cell.add_argument(
         "--test-lengths", type=_lengths, default=[64, 256, 1024, 4096, 16384], help="(64,256,1024,4096,16384)"
@@ -783,6 +784,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--floor-scale", type=_positive_int, default=defaults.floor_scale, help=f"({defaults.floor_scale})"
     )
     cell.add_argument("--steps", type=_positive_int, default=defaults.steps, help=f"({defaults.steps})")
+    cell.add_argument(
+        "--no-curriculum",
+        action="store_true",
+        help="train at --train-length from the first step (at 256 the model then stays at chance)",
+    )
     cell.add_argument("--rows", type=_positive_int, default=256, help="test rows per length (256)")
     cell.add_argument("--quiet", action="store_true", help="no progress bar")
     cell.add_argument("--overwrite", action="store_true", help="replace --out/results.json")
@@ -805,12 +811,14 @@ def induction_cell(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         chunk=args.chunk,
         floor_scale=args.floor_scale,
         steps=args.steps,
+        curriculum=() if args.no_curriculum else InductionSetup().curriculum,
         seed=args.seed,
     )
     result = run_induction(setup, args.test_lengths, rows=args.rows, progress=not args.quiet)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(target, json.dumps(result, indent=1) + "\n")
-    print(f"{setup.label}, trained at {setup.train_length} for {setup.steps} steps, seed {setup.seed}:")
+    stages = ", then ".join(f"{steps} steps at {length}" for length, steps in length_stages(setup))
+    print(f"{setup.label}, trained {stages}, seed {setup.seed}:")
     for row in result["results"]:
         print(f"  length {row['length']:>7}: accuracy {row['accuracy']:.1%} on {row['rows']} rows")
     print(f"results: {target}")

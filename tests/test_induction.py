@@ -22,6 +22,8 @@ from l4lab.induction import (
     first_trigger,
     held_out_rows,
     induction_hits,
+    length_stages,
+    train_induction,
 )
 
 TINY = ["--train-length", "16", "--chunk", "4", "--steps", "3", "--rows", "8", "--quiet"]
@@ -33,6 +35,45 @@ def test_published_table_is_gu_and_dao_table_11() -> None:
     assert PUBLISHED_TABLE_11["MHA-RoPE"][:4] == [100, 100, 100, 83.6]
     assert PUBLISHED_TABLE_11["MHA-RoPE"][-1] == 5.5
     assert all(len(row) == len(PUBLISHED_LENGTHS) for row in PUBLISHED_TABLE_11.values())
+
+
+def test_the_recipe_defaults_are_the_papers_protocol() -> None:
+    """Gu & Dao's Table 11 trains 2-layer models on induction heads with vocabulary 16 at length 256."""
+    setup = InductionSetup()
+    config = setup.config(1024)
+    assert (VOCAB, config.vocab_size, config.num_layers, setup.train_length) == (16, 16, 2, 256)
+    # the curriculum (a recorded departure) ends on the paper's length: 64, then 128, then 256
+    assert length_stages(setup) == [(64, 400), (128, 200), (256, 200)]
+    # trained at 64 (notebook 04's and lab 5's recipe), nothing is shorter: every step at 64
+    assert length_stages(InductionSetup(train_length=64)) == [(64, 800)]
+    assert length_stages(InductionSetup(curriculum=())) == [(256, 800)]
+
+
+def test_each_stage_trains_on_rows_of_its_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    forward = l4lab.Llama4.forward
+
+    def recording(self, tokens, *args, **kwargs):
+        if self.training:
+            seen.append(tokens.shape[1] + 1)  # the model reads a row without its last token
+        return forward(self, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(l4lab.Llama4, "forward", recording)
+    setup = InductionSetup(
+        train_length=16, curriculum=((8, 0.25), (12, 0.5)), steps=8, batch_size=2, hidden_size=16
+    )
+    _, history = train_induction(setup, max_length=16)
+    assert seen == [8, 8, 12, 12, 16, 16, 16, 16]
+    assert [h["step"] for h in history] == list(range(1, 9))  # one schedule over all the stages
+
+
+@pytest.mark.parametrize(
+    "curriculum",
+    [((64, 0.5), (128, 0.5)), ((64, 0.0),), ((64, 1.0),), ((3, 0.5),), ((64.0, 0.5),)],
+)
+def test_a_bad_curriculum_is_refused(curriculum: tuple) -> None:
+    with pytest.raises(ValueError, match=r"curriculum = .* is not allowed: \(length, share\) pairs"):
+        InductionSetup(curriculum=curriculum)
 
 
 @pytest.mark.parametrize(
@@ -93,6 +134,7 @@ def test_command_line_writes_one_cell_of_the_table(tmp_path: Path, capsys: pytes
     assert result["label"] == "iRoPE"
     assert result["setup"]["seed"] == 1 and result["setup"]["chunk"] == 4 and result["setup"]["steps"] == 3
     assert [r["length"] for r in result["results"]] == [8, 32]
+    assert result["stages"] == [{"length": 16, "steps": 3}]  # nothing shorter than 16 to start from
     for row in result["results"]:
         assert row["rows"] == 8 and 0.0 <= row["accuracy"] <= 1.0
         assert 0 <= row["edge_rows"] <= row["rows"]
@@ -101,6 +143,16 @@ def test_command_line_writes_one_cell_of_the_table(tmp_path: Path, capsys: pytes
         {"rope": False, "chunk": None, "temperature": True},
     ]
     assert "length      32: accuracy" in capsys.readouterr().out
+
+    curriculum = ["--train-length", "80", "--overwrite"]  # 64 is shorter: 2 of the 3 steps there
+    assert cli.main(argv + TINY + curriculum) == 0
+    assert json.loads((out / "results.json").read_text())["stages"] == [
+        {"length": 64, "steps": 2},
+        {"length": 80, "steps": 1},
+    ]
+    assert "trained 2 steps at 64, then 1 steps at 80, seed 1" in capsys.readouterr().out
+    assert cli.main(argv + TINY + curriculum + ["--no-curriculum"]) == 0
+    assert json.loads((out / "results.json").read_text())["stages"] == [{"length": 80, "steps": 3}]
 
     with pytest.raises(SystemExit):  # never replaced without --overwrite
         cli.main(argv + TINY)

@@ -169,7 +169,8 @@ def kv_cache_figure(
 def table11_figure(summary: Mapping[str, Any]) -> go.Figure:
     """Gu & Dao's Table 11 beside l4lab's rows: accuracy (%) against test length / training length.
 
-    ``summary`` is ``benchmarks/results/induction_sweep.json``: ``"published"`` rows (trained at 256,
+    ``summary`` is ``benchmarks/results/induction_sweep_256.json`` (trained at the paper's 256) or
+    ``induction_sweep.json`` (trained at 64): ``"published"`` rows (trained at 256,
     drawn dashed at x = length / 256) and l4lab's ``"rows"`` (mean over seeds with min-max error bars
     at x = length / their training length). Both axes share one scale, so rows trained at different
     lengths compare at equal multiples of what they saw. Log-length x axis; chance is 1/15 = 6.7%.
