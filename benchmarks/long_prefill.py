@@ -18,8 +18,8 @@ chunked layer it extrapolates to Llama 4 Scout's shape (40 query heads, 8 KV hea
 chunked + 12 global layers, bf16 cache) at 256K and 10M tokens. Results:
 ``benchmarks/results/long_prefill.{json,md}``::
 
-    python benchmarks/long_prefill.py                       # 16K, 64K, 128K (RoPE everywhere: 16K, 64K)
-    python benchmarks/long_prefill.py --lengths 4096,16384,65536 --rope-max 16384  # what this round ran
+    OMP_NUM_THREADS=2 python benchmarks/long_prefill.py     # 16K, 64K, 128K, both models (~10 min)
+    python benchmarks/long_prefill.py --lengths 4096,16384 --rope-max 4096  # a quick look
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -102,6 +103,7 @@ def measure(positions: str, length: int) -> dict:
             for spec in plan
         ],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "load_average_1min": os.getloadavg()[0],  # > threads: other jobs shared the cores
     }
 
 
@@ -164,12 +166,14 @@ def markdown(summary: dict) -> str:
         "# Streaming prefill of long prompts: iRoPE vs RoPE everywhere",
         "",
         f"- benchmarks/long_prefill.py; {info['date']}; torch {info['torch']}, Python {info['python']}, "
-        f"CPU {info['cpu']}, {info['threads']} threads; a shared machine (other jobs ran: upper bounds)",
+        f"CPU {info['cpu']}, {info['threads']} threads; "
+        "a machine shared with other jobs (load column: the 1-minute load average at the end of a run; "
+        "above the thread count, times are upper bounds)",
         f"- model: {MODEL}; float32; `Llama4.prefill` in blocks of {BLOCK} tokens; one process per run",
         "",
         "| model | T | wall s | s per chunked layer | s per global layer | KV cache per layer (MB) "
-        "| peak RSS (MB) |",
-        "|---|---:|---:|---:|---:|---|---:|",
+        "| peak RSS (MB) | load (1 min) |",
+        "|---|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in summary["runs"]:
         chunked = [layer for layer in r["layers"][:-1] if layer["kind"] == "chunked"]
@@ -177,7 +181,8 @@ def markdown(summary: dict) -> str:
         lines.append(
             f"| {r['positions']} | {r['length']:,} | {r['seconds']:.1f} | "
             + (f"{per_kind(r, 'chunked'):.2f}" if chunked else "-")
-            + f" | {per_kind(r, 'global'):.2f} | {cache} | {r['peak_rss_mb']:.0f} |"
+            + f" | {per_kind(r, 'global'):.2f} | {cache} | {r['peak_rss_mb']:.0f} "
+            + f"| {r['load_average_1min']:.1f} |"
         )
     lines += ["", "Growth exponent of the time per layer in T (least squares over the lengths measured):"]
     for key, value in summary["exponents"].items():
@@ -213,7 +218,7 @@ def markdown(summary: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="16384,65536,131072")
-    parser.add_argument("--rope-max", type=int, default=65536, help="longest prompt for RoPE everywhere")
+    parser.add_argument("--rope-max", type=int, default=131072, help="longest prompt for RoPE everywhere")
     parser.add_argument("--child", nargs=2, metavar=("POSITIONS", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
