@@ -13,6 +13,7 @@ import torch
 
 import l4lab
 from l4lab import __main__ as cli
+from l4lab import viz
 from l4lab.passkey import (
     FILLER_SENTENCE,
     KEY,
@@ -148,3 +149,69 @@ def test_command_line_errors_name_the_option(
     with pytest.raises(SystemExit):
         cli.main(["passkey", "--out", str(tmp_path), "--quiet", *extra])
     assert re.search(message, capsys.readouterr().err)
+
+
+def summary_of_two_rows() -> dict:
+    """A summary in the shape benchmarks/passkey.py writes, with two rows and known numbers."""
+
+    def mechanism(kinds: list[str]) -> list[dict]:
+        return [
+            {
+                "length": n,
+                "layer": i,
+                "kind": kind,
+                "mass": 0.5,
+                "entropy": 1.0 + i,
+                "ln_visible": math.log(n),
+            }
+            | {"untrained_mass": 0.0, "untrained_entropy": math.log(n), "untrained_ln_visible": math.log(n)}
+            for n in (1024, 8192)
+            for i, kind in enumerate(kinds)
+        ]
+
+    return {
+        "lengths": [64, 1024, 8192],
+        "depths": [0.0, 0.5, 1.0],
+        "yang_2025": {
+            "lengths": [8192, 32768, 131072],
+            "rope_layers": [6.02, 6.95, 7.62],
+            "qk_norm_layers": [1, 2, 3],
+        },
+        "rows": {
+            "irope-on": {
+                "label": "iRoPE",
+                "temperature": True,
+                "seeds": [0, 1],
+                "cells": [{"length": 8192, "depth": 0.5, "exact_mean": 75.0}],
+                "mechanism": mechanism(["chunked RoPE", "global NoPE"]),
+            },
+            "rope-on": {
+                "label": "RoPE",
+                "temperature": True,
+                "seeds": [0],
+                "cells": [{"length": 64, "depth": 1.0, "exact_mean": 100.0}],
+                "mechanism": mechanism(["global RoPE", "global RoPE"]),
+            },
+        },
+    }
+
+
+def test_grid_figure_puts_each_cell_at_its_length_and_depth() -> None:
+    fig = viz.passkey_grid_figure(summary_of_two_rows())
+    irope, rope = fig.data
+    assert irope.z[1][2] == 75.0 and rope.z[2][0] == 100.0  # [depth, length]
+    assert sum(v == v for line in irope.z for v in line) == 1  # the other cells are blank (NaN)
+    with pytest.raises(ValueError, match="no rows"):
+        viz.passkey_grid_figure({"rows": {}, "lengths": [], "depths": []})
+
+
+def test_entropy_figure_shows_yang_et_al_and_skips_chunked_layers() -> None:
+    fig = viz.entropy_beside_yang_figure(summary_of_two_rows())
+    names = [trace.name for trace in fig.data]
+    assert not any("chunked" in name for name in names)
+    yang = next(trace for trace in fig.data if trace.name.startswith("Yang et al. 2025, RoPE"))
+    assert list(yang.y) == [6.02, 6.95, 7.62] and yang.x[0] == pytest.approx(math.log(8192))
+    uniform = next(trace for trace in fig.data if trace.name.startswith("ln T"))
+    assert list(uniform.x) == list(uniform.y)
+    mass = viz.needle_mass_figure(summary_of_two_rows())
+    assert len(mass.data) == 4  # two layers of two models
