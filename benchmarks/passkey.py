@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from l4lab.passkey import KEY_COUNT, KEY_DIGITS, PasskeySetup, run_passkey
+from l4lab.passkey import KEY_COUNT, KEY_DIGITS, YANG_2025, PasskeySetup, run_passkey
 
 from machine import machine as cpu_machine
 
@@ -173,11 +173,7 @@ def summarise() -> dict:
             for setting in run["temperature"].values()
             for c in setting["grid"]
         ),
-        "yang_2025": {
-            "lengths": [8192, 32768, 131072],
-            "rope_layers": [6.02, 6.95, 7.62],
-            "qk_norm_layers": [10.71, 12.46, 14.14],
-        },
+        "yang_2025": YANG_2025,
         "rows": rows,
     }
     SUMMARY.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")

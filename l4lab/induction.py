@@ -234,8 +234,8 @@ RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 def committed_results(name: str) -> dict[str, Any]:
     """A benchmark's committed results, ``benchmarks/results/<name>.json`` of this repository.
 
-    ``"induction_sweep"`` (benchmarks/induction_sweep.py) and ``"long_prefill"``
-    (benchmarks/long_prefill.py); notebook 08 plots them.
+    ``"induction_sweep"`` (benchmarks/induction_sweep.py), ``"long_prefill"``
+    (benchmarks/long_prefill.py) and ``"passkey"`` (benchmarks/passkey.py); notebook 08 plots them.
     """
     path = RESULTS / f"{name}.json"
     if not path.is_file():

@@ -310,6 +310,31 @@ def run_passkey(
     }
 
 
+# Yang et al. 2025 (RNoPE, arXiv:2501.18795): attention entropy (nats) of language models' layers
+YANG_2025 = {
+    "lengths": [8192, 32768, 131072],
+    "rope_layers": [6.02, 6.95, 7.62],
+    "qk_norm_layers": [10.71, 12.46, 14.14],
+}
+
+
+def exact_by_length(row: dict[str, Any]) -> dict[int, float]:
+    """A summary row's exact match (%) per length, the mean over depths (``benchmarks/passkey.py``)."""
+    by_length: dict[int, list[float]] = {}
+    for cell in row["cells"]:
+        by_length.setdefault(cell["length"], []).append(cell["exact_mean"])
+    return {length: sum(v) / len(v) for length, v in sorted(by_length.items())}
+
+
+def entropy_slope(lengths: list[int], entropies: list[float]) -> float:
+    """Least-squares slope of entropy against ln T: 1 for uniform attention, 0 for a head that ignores T."""
+    if len(lengths) != len(entropies) or len(lengths) < 2:
+        raise ValueError(f"need two or more (length, entropy) pairs; got {len(lengths)} and {len(entropies)}")
+    x = [math.log(n) for n in lengths]
+    mx, my = sum(x) / len(x), sum(entropies) / len(entropies)
+    return sum((a - mx) * (b - my) for a, b in zip(x, entropies, strict=True)) / sum((a - mx) ** 2 for a in x)
+
+
 __all__ = [
     "FILLER_SENTENCE",
     "KEY",
@@ -317,8 +342,11 @@ __all__ = [
     "KEY_DIGITS",
     "QUERY",
     "VOCAB",
+    "YANG_2025",
     "PasskeySetup",
+    "entropy_slope",
     "evaluate_grid",
+    "exact_by_length",
     "held_out_rows",
     "mixed_depth_rows",
     "needle_attention",

@@ -19,7 +19,10 @@ from l4lab.passkey import (
     KEY,
     KEY_DIGITS,
     QUERY,
+    YANG_2025,
     PasskeySetup,
+    entropy_slope,
+    exact_by_length,
     held_out_rows,
     mixed_depth_rows,
     needle_attention,
@@ -215,3 +218,14 @@ def test_entropy_figure_shows_yang_et_al_and_skips_chunked_layers() -> None:
     assert list(uniform.x) == list(uniform.y)
     mass = viz.needle_mass_figure(summary_of_two_rows())
     assert len(mass.data) == 4  # two layers of two models
+
+
+def test_slope_against_ln_t_is_one_for_uniform_attention_and_yang_et_al_are_as_published() -> None:
+    lengths = [1024, 8192, 131072]
+    assert entropy_slope(lengths, [math.log(n) for n in lengths]) == pytest.approx(1.0)
+    assert entropy_slope(lengths, [0.3, 0.3, 0.3]) == pytest.approx(0.0)
+    assert YANG_2025["rope_layers"] == [6.02, 6.95, 7.62] and YANG_2025["qk_norm_layers"][-1] == 14.14
+    row = {"cells": [{"length": 64, "depth": d, "exact_mean": e} for d, e in ((0.0, 100.0), (1.0, 50.0))]}
+    assert exact_by_length(row) == {64: 75.0}
+    with pytest.raises(ValueError, match="two or more"):
+        entropy_slope([64], [1.0])
