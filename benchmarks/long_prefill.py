@@ -20,6 +20,7 @@ chunked + 12 global layers, bf16 cache) at 256K and 10M tokens. Results:
 
     OMP_NUM_THREADS=2 python benchmarks/long_prefill.py     # 16K, 64K, 128K, both models (~10 min)
     python benchmarks/long_prefill.py --lengths 4096,16384 --rope-max 4096  # a quick look
+    python benchmarks/long_prefill.py --lengths 16384,65536 --keep  # re-run these, keep the others
 """
 
 from __future__ import annotations
@@ -219,23 +220,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="16384,65536,131072")
     parser.add_argument("--rope-max", type=int, default=131072, help="longest prompt for RoPE everywhere")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the committed runs of (model, length) pairs not re-run"
+    )
     parser.add_argument("--child", nargs=2, metavar=("POSITIONS", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(measure(args.child[0], int(args.child[1]))))
         return 0
-    runs = []
+    measured = []
     for length in [int(n) for n in args.lengths.split(",")]:
         for positions in ("irope", "rope"):
             if positions == "rope" and length > args.rope_max:
                 continue
             child = [sys.executable, __file__, "--child", positions, str(length)]
             out = subprocess.run(child, check=True, capture_output=True, text=True)
-            runs.append(json.loads(out.stdout))
-            print(
-                f"{positions} {length}: {runs[-1]['seconds']:.1f} s, {runs[-1]['peak_rss_mb']:.0f} MB",
-                flush=True,
-            )
+            run = json.loads(out.stdout)
+            measured.append(run)
+            print(f"{positions} {length}: {run['seconds']:.1f} s, {run['peak_rss_mb']:.0f} MB", flush=True)
+    runs = measured
+    if args.keep and RESULTS.with_suffix(".json").is_file():  # earlier runs this call did not repeat
+        new = {(r["positions"], r["length"]) for r in measured}
+        earlier = json.loads(RESULTS.with_suffix(".json").read_text())["runs"]
+        runs = sorted(
+            [r for r in earlier if (r["positions"], r["length"]) not in new] + measured,
+            key=lambda r: (r["length"], r["positions"] != "irope"),
+        )
     summary = {
         "machine": {
             "date": datetime.date.today().isoformat(),

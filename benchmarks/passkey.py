@@ -100,16 +100,37 @@ LABELS = {
 }
 
 
+def exact_at_training_length(run: dict) -> float:
+    """A trained cell's exact match at its training length, temperature on, mean over depths (0-1)."""
+    train = run["setup"]["train_length"]
+    return statistics.fmean(c["exact"] for c in run["temperature"]["on"]["grid"] if c["length"] == train)
+
+
 def summarise() -> dict:
-    """Mean, min and max over seeds per (row, temperature, length, depth); the mechanism per length."""
+    """Mean, min and max over seeds per (row, temperature, length, depth); the mechanism per length.
+
+    A seed that did not learn the task (under 50% exact match at its own training length) says nothing
+    about length generalisation: it is listed under ``not_learned`` (with its loss) and left out of the
+    means, unless no seed of the row learned.
+    """
     runs: dict[str, list[dict]] = {}
     for path in sorted(CELLS.glob("*.json")):
         runs.setdefault(path.stem.rsplit("-seed", 1)[0], []).append(json.loads(path.read_text()))
     rows = {}
     for (name, tuned), label in LABELS.items():
-        seeds = [run for run in runs.get(name, []) if tuned in run["temperature"]]
-        if not seeds:
+        every = [run for run in runs.get(name, []) if tuned in run["temperature"]]
+        if not every:
             continue
+        seeds = [run for run in every if exact_at_training_length(run) >= 0.5] or every
+        not_learned = [
+            {
+                "seed": run["setup"]["seed"],
+                "final_loss": run["final_loss"],
+                "exact_at_training_length": exact_at_training_length(run),
+            }
+            for run in every
+            if exact_at_training_length(run) < 0.5
+        ]
         cells: dict[tuple[int, float], list[float]] = {}
         digits: dict[tuple[int, float], list[float]] = {}
         for run in seeds:
@@ -133,6 +154,7 @@ def summarise() -> dict:
             "seeds": sorted(run["setup"]["seed"] for run in seeds),
             "train_seconds": [run["train_seconds"] for run in seeds],
             "final_loss": [run["final_loss"] for run in seeds],
+            "not_learned": not_learned,
             "cells": [
                 {
                     "length": length,
@@ -202,7 +224,7 @@ def markdown(summary: dict) -> str:
         + ", ".join(f"{d:g}" for d in summary["depths"])
         + " (per depth: the JSON):",
         "",
-        "| model | seeds | " + " | ".join(f"{n:,}" for n in summary["lengths"]) + " |",
+        "| model | seeds (in the mean) | " + " | ".join(f"{n:,}" for n in summary["lengths"]) + " |",
         "|---|---|" + "---:|" * len(summary["lengths"]),
     ]
     for row in summary["rows"].values():
@@ -212,10 +234,24 @@ def markdown(summary: dict) -> str:
         cells = [
             f"{statistics.fmean(by_length[n]):.0f}" if n in by_length else "-" for n in summary["lengths"]
         ]
-        lines.append(f"| {row['label']} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+        failed = {n["seed"] for n in row["not_learned"]}
+        learned = f"{len(set(row['seeds']) - failed)} learned" + (f", {len(failed)} not" if failed else "")
+        lines.append(f"| {row['label']} | {learned} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"-: not run (RoPE and NoPE stop at {GLOBAL_MAX:,}: their layer 0 is global, O(T^2) per row).",
+        f"-: not run (RoPE and NoPE stop at {GLOBAL_MAX:,}: their layer 0 is global, O(T^2) per row). "
+        "Seeds: those that learned the task (>= 50% exact at the training length); the others, left out "
+        "of the means: "
+        + (
+            "; ".join(
+                f"{row['label']} seed {n['seed']} (final loss {n['final_loss']:.2f}, "
+                f"{n['exact_at_training_length']:.0%} exact at 64)"
+                for row in summary["rows"].values()
+                for n in row["not_learned"]
+            )
+            or "none"
+        )
+        + ".",
         "",
         "The question's attention at depth 0.5 (2 rows per seed): mass on the key (KEY and its digits) and "
         "entropy (nats) per layer, trained and untrained; ln(keys) is uniform attention's entropy:",
