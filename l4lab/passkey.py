@@ -61,7 +61,7 @@ def passkey_rows(num_rows: int, length: int, depth: float, seed: int = 0) -> Tok
     if length < fixed:
         raise ValueError(f"length {length} is too short for a passkey row: at least {fixed} tokens")
     filler = length - fixed
-    before = round(depth * filler)
+    before = key_position(length, depth)
     sentence = torch.tensor(FILLER_SENTENCE)
     repeated = sentence.repeat(filler // len(FILLER_SENTENCE) + 1)
     generator = torch.Generator().manual_seed(seed)
@@ -80,6 +80,22 @@ def passkey_rows(num_rows: int, length: int, depth: float, seed: int = 0) -> Tok
     mask = torch.zeros((num_rows, length), dtype=torch.bool)
     mask[:, -KEY_DIGITS:] = True
     return TokenDataset(tokens, mask, None, mask.clone())
+
+
+def key_position(length: int, depth: float) -> int:
+    """Where :func:`passkey_rows` puts the KEY token in a row of ``length`` at ``depth``."""
+    return round(depth * (length - 2 * (1 + KEY_DIGITS)))
+
+
+def key_straddles_chunk(length: int, depth: float, chunk: int) -> bool:
+    """Does a digit of the key open a chunk (the chunk-boundary blind spot of notebooks 04 and 08)?
+
+    Copying the key is induction: a digit is found through the token before it, which the chunked RoPE
+    layer writes into each position. A digit that opens a chunk cannot see the token before it, so a
+    2-layer iRoPE model loses the key from that digit on.
+    """
+    start = key_position(length, depth)
+    return any(p % chunk == 0 for p in range(start + 1, start + 1 + KEY_DIGITS))
 
 
 def mixed_depth_rows(num_rows: int, length: int, seed: int = 0) -> TokenDataset:
@@ -348,6 +364,8 @@ __all__ = [
     "evaluate_grid",
     "exact_by_length",
     "held_out_rows",
+    "key_position",
+    "key_straddles_chunk",
     "mixed_depth_rows",
     "needle_attention",
     "passkey_hits",

@@ -24,6 +24,8 @@ from l4lab.passkey import (
     entropy_slope,
     exact_by_length,
     held_out_rows,
+    key_position,
+    key_straddles_chunk,
     mixed_depth_rows,
     needle_attention,
     passkey_hits,
@@ -229,3 +231,13 @@ def test_slope_against_ln_t_is_one_for_uniform_attention_and_yang_et_al_are_as_p
     assert exact_by_length(row) == {64: 75.0}
     with pytest.raises(ValueError, match="two or more"):
         entropy_slope([64], [1.0])
+
+
+def test_a_key_straddles_a_chunk_where_a_digit_opens_one() -> None:
+    # at a depth of 0.25 and a power-of-two length >= 256, the key's second digit sits at length / 4
+    for length in (256, 1024, 131072):
+        start = key_position(length, 0.25)
+        assert (start + 2) == length // 4 and key_straddles_chunk(length, 0.25, 32)
+        assert int((passkey_rows(1, length, 0.25).tokens[0] == KEY).nonzero()[0]) == start
+    assert not key_straddles_chunk(64, 0.25, 32)  # KEY at 14, digits at 15-18
+    assert [key_straddles_chunk(64, d, 32) for d in (0.0, 0.5, 1.0)] == [False, False, False]
