@@ -17,7 +17,8 @@ operation           file                        kernels
 ==================  ==========================  ===================================================
 
 ``matmul_precision.py`` holds what the two files with matrix products share: float32 dots in IEEE
-precision on a GPU, and the refusal of bfloat16 in the interpreter.
+precision on a GPU, and the refusal of bfloat16 in the interpreter. ``agreement.py`` holds the rule by
+which a kernel is judged against its eager reference (notebook 06 and the kernel tests).
 
 On a machine without a CUDA GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set
 here before any kernel is defined): exact and slow, for learning and testing on small shapes.

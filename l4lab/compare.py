@@ -6,13 +6,17 @@ that differ, and one line for what all share; the last two rows spell each of th
 from ``layer_plan()`` (R: RoPE global, c: RoPE chunked, N: NoPE; D: dense, M: MoE).
 ``parameters_by_part(model)`` sums ``model.named_parameters()`` into the parts a parameter formula
 names (embeddings + head, attention, dense FFN, shared experts, routed experts, norms + routers).
+``moe_dispatch_flops(config, tokens)`` counts the matrix-product FLOPs of one MoE layer in l4lab (tokens
+sorted by expert) and in transformers' ``Llama4TextMoe`` (every token through every expert), notebook 03.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from l4lab.config import Config
 
@@ -116,3 +120,40 @@ def parameters_by_part(model: nn.Module) -> dict[str, int]:
         part = part_of(name)
         counts[part] = counts.get(part, 0) + parameter.numel()
     return {part: counts[part] for part in PARTS if part in counts}
+
+
+def _matmul_flops(layer: nn.Module, tokens: Tensor) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        layer(tokens)
+    return counter.get_total_flops()
+
+
+def moe_dispatch_flops(config: Config, tokens: Tensor, init_std: float = 0.1) -> dict[str, float | bool]:
+    """Matrix-product FLOPs of layer 0's MoE on ``tokens`` [N, D], l4lab against transformers.
+
+    Both layers carry the same weights, all drawn from N(0, ``init_std``²) (transformers' own experts
+    start at zero). l4lab sorts the tokens by expert and runs each expert on its rows only: the shared
+    expert plus ``top_k`` routed experts per token. transformers' ``Llama4TextMoe`` runs every token
+    through all E experts and zeroes the unchosen ones: with top-1 the ratio is about (1 + E) / 2.
+    Returns ``{"l4lab": flops, "transformers": flops, "same_output": bool}`` (outputs within 1e-5).
+    Needs transformers.
+    """
+    from transformers import Llama4TextConfig
+    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+
+    from l4lab.interop import to_transformers_config
+    from l4lab.model import MoE
+
+    ours = MoE(config, layer=0)
+    with torch.no_grad():
+        for parameter in ours.parameters():
+            parameter.normal_(0.0, init_std)
+    theirs = Llama4TextMoe(Llama4TextConfig(**to_transformers_config(config)))
+    theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if k != "router.selection_bias"})
+    with torch.no_grad():
+        same = torch.allclose(ours(tokens)[0], theirs(tokens)[0], atol=1e-5)
+    return {
+        "l4lab": float(_matmul_flops(ours, tokens)),
+        "transformers": float(_matmul_flops(theirs, tokens)),
+        "same_output": bool(same),
+    }

@@ -524,9 +524,11 @@ def test_routing_explorer_of_03_runs_live_in_jupyterlab(
     if explorer is None:
         pytest.skip(f"{MOE} has no routing explorer (routing_explorer(...)) to test yet")
     page = open_notebook(watched, lab, MOE)
-    page.locator(".jp-Notebook .jp-CodeCell").nth(explorer).locator(".jp-InputPrompt").click()  # type: ignore[attr-defined]
+    explorer_prompt = page.locator(".jp-Notebook .jp-CodeCell").nth(explorer).locator(".jp-InputPrompt")  # type: ignore[attr-defined]
+    explorer_prompt.click()
     menu(page, "Run", "Run All Above Selected Cell")
     wait_until_run(page, explorer, MOE)
+    explorer_prompt.click()  # running the cells above moved the selection to the last of them
     menu(page, "Run", "Run Selected Cell and Do not Advance")
     wait_until_run(page, explorer + 1, MOE)
     check_figures_and_explorers(page, moe, explorer + 1, MOE)

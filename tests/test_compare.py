@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import l4lab
-from l4lab.compare import attention_pattern, config_table, ffn_pattern, parameters_by_part
+from l4lab.compare import attention_pattern, config_table, ffn_pattern, moe_dispatch_flops, parameters_by_part
 
 
 def test_layer_patterns_of_the_published_models() -> None:
@@ -52,3 +52,18 @@ def test_parameters_by_part_equal_the_formula(name: str) -> None:
         model = l4lab.Llama4(c)
     assert parameters_by_part(model) == {part: n for part, n in formula.items() if n}
     assert sum(parameters_by_part(model).values()) == l4lab.count_params(c)[0]
+
+
+@pytest.mark.parametrize("num_experts", [1, 4, 16])
+def test_moe_dispatch_flops_against_the_formula(num_experts: int) -> None:
+    """Per token, top-1: l4lab runs the shared and one routed SwiGLU (3 products of D x F each) plus the
+    router (D x E); transformers runs all E routed experts, the shared one and the router."""
+    config = l4lab.preset("tiny-moe", num_experts=num_experts)
+    tokens = torch.randn(64, config.hidden_size, generator=torch.Generator().manual_seed(0))
+    flops = moe_dispatch_flops(config, tokens)
+    n, d, f, e = 64, config.hidden_size, config.moe_intermediate_size, num_experts
+    swiglu = 2 * n * 3 * d * f  # 2 FLOPs per multiply-add, three D x F products per SwiGLU
+    router = 2 * n * d * e
+    assert flops["l4lab"] == 2 * swiglu + router
+    assert flops["transformers"] == (1 + e) * swiglu + router
+    assert flops["same_output"] is True

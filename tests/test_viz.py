@@ -248,6 +248,39 @@ def test_kv_cache_figure_is_log_log_in_gigabytes() -> None:
     assert shapes_at(fig, "y") == [80]  # one H100
 
 
+def test_cache_trace_figure_draws_what_a_real_cache_held() -> None:
+    config = l4lab.preset("tiny", num_layers=4, attention_chunk_size=4, max_position_embeddings=64)
+    model = l4lab.Llama4(config).eval()
+    plan = config.layer_plan()
+    traces = {}
+    for positions in ("irope", "rope"):
+        model.reconfigure(positions=positions)
+        cache, token, lengths, nbytes = model.new_cache(), torch.tensor([[1]]), [], []
+        with torch.no_grad():
+            for _ in range(9):
+                token = model(token, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+                lengths.append(cache.lengths())
+                nbytes.append(cache.nbytes())
+        traces[positions] = (lengths, nbytes)
+    fig = viz.cache_trace_figure(
+        plan, traces["irope"][0], traces["rope"][0], traces["irope"][1], traces["rope"][1]
+    )
+    per_layer = [t for t in fig.data if t.name.startswith("iRoPE layer")]
+    assert len(per_layer) == len(plan)
+    for spec, trace in zip(plan, per_layer, strict=True):
+        # a chunked layer (C = 4) holds t mod 4 keys after t tokens, a global layer all t
+        expected = [t % 4 if spec.chunk_size else t for t in range(1, 10)]
+        assert list(trace.y) == expected
+        assert trace.line.dash == ("dot" if spec.chunk_size else "solid")
+    rope = next(t for t in fig.data if t.name.startswith("RoPE: every layer"))
+    assert list(rope.y) == list(range(1, 10))
+    whole = {t.name: list(t.y) for t in fig.data if "whole cache" in t.name}
+    assert whole["iRoPE, whole cache"] == [b / 1024 for b in traces["irope"][1]]
+    assert whole["RoPE (all global), whole cache"][-1] > whole["iRoPE, whole cache"][-1]
+    with pytest.raises(ValueError, match="one entry per decode step"):
+        viz.cache_trace_figure(plan, traces["irope"][0], traces["rope"][0][:3], [], [])
+
+
 # ---------------------------------------------------------------------- models and training
 def test_parameter_table_cells() -> None:
     configs = {"Llama 4 Scout": l4lab.preset("llama4-scout"), "tiny": l4lab.preset("tiny")}

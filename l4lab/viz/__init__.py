@@ -15,9 +15,9 @@ attention                          :func:`attention_map_figure`, :func:`attentio
                                    :func:`temperature_figure`
 long context                       :func:`accuracy_vs_length_figure`, :func:`needle_heatmap`,
                                    :func:`kv_cache_figure` (numbers: :func:`kv_cache_memory`),
-                                   :func:`table11_figure`, :func:`prefill_cost_figure`,
-                                   :func:`passkey_grid_figure`, :func:`needle_mass_figure`,
-                                   :func:`entropy_beside_yang_figure`
+                                   :func:`cache_trace_figure`, :func:`table11_figure`,
+                                   :func:`prefill_cost_figure`, :func:`passkey_grid_figure`,
+                                   :func:`needle_mass_figure`, :func:`entropy_beside_yang_figure`
 models and training                :func:`parameter_table`, :func:`loss_curves_figure`
 experiments                        :func:`seed_spread_figure` (numbers: :func:`seed_statistics`),
                                    :func:`decode_time_figure`
@@ -80,6 +80,7 @@ from l4lab.viz.kernels import (
 )
 from l4lab.viz.long_context import (
     accuracy_vs_length_figure,
+    cache_trace_figure,
     entropy_beside_yang_figure,
     kv_cache_figure,
     kv_cache_memory,
@@ -124,6 +125,7 @@ __all__ = [
     "attention_tiles_figure",
     "benchmark_figure",
     "benchmark_rows",
+    "cache_trace_figure",
     "decode_time_figure",
     "decoder_layer_figure",
     "distillation_figure",

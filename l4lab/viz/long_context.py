@@ -1,7 +1,7 @@
 """Long-context figures (notebooks 04, 05 and 08): accuracy against test length, needle in a haystack,
-the KV cache's memory (all layers global against iRoPE), Gu & Dao's Table 11 beside l4lab's rows, and
-the streaming prefill's cost per layer type, and passkey retrieval (grid, attention on the key, attention
-entropy beside Yang et al. 2025)."""
+the KV cache's memory (all layers global against iRoPE) and while decoding, Gu & Dao's Table 11 beside
+l4lab's rows, the streaming prefill's cost per layer type, and passkey retrieval (grid, attention on the
+key, attention entropy beside Yang et al. 2025)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 from torch import Tensor
 
-from l4lab.config import Config
+from l4lab.config import Config, LayerSpec
 from l4lab.viz.common import (
     COLOURS,
     finish,
     hline,
+    layer_label,
     length_label,
     to_numpy,
     vline,
@@ -402,4 +403,59 @@ def entropy_beside_yang_figure(summary: Mapping[str, Any]) -> go.Figure:
         "Attention entropy of the question against ln T: l4lab (passkey) beside Yang et al. 2025",
         "ln T (T: context length in tokens)",
         "entropy (nats)",
+    )
+
+
+def cache_trace_figure(
+    plan: Sequence[LayerSpec],
+    irope_lengths: Sequence[Sequence[int]],
+    rope_lengths: Sequence[Sequence[int]],
+    irope_bytes: Sequence[int],
+    rope_bytes: Sequence[int],
+) -> go.Figure:
+    """What a KV cache holds while decoding, step by step: keys per layer (left), whole cache (right).
+
+    ``*_lengths[t][layer]`` are ``cache.lengths()`` and ``*_bytes[t]`` ``cache.nbytes()`` after decode
+    step ``t + 1`` (notebook 05), for the same weights under iRoPE (``plan``: its ``layer_plan()``) and with
+    every layer global (``positions="rope"``). Chunked layers are dotted: their keys drop to 0 at every
+    chunk boundary; a global layer's line is the diagonal, drawn once for RoPE since all its layers are
+    alike.
+    """
+    steps = list(range(1, len(irope_lengths) + 1))
+    if not (len(rope_lengths) == len(irope_bytes) == len(rope_bytes) == len(steps)):
+        raise ValueError("the four traces must have one entry per decode step")
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        subplot_titles=("Keys held per layer", "Whole KV cache"),
+        horizontal_spacing=0.12,
+    )
+    for spec in plan:
+        fig.add_scatter(
+            x=steps,
+            y=[held[spec.index] for held in irope_lengths],
+            name=f"iRoPE layer {spec.index}: {layer_label(spec)}",
+            line=dict(color=COLOURS[spec.index % len(COLOURS)], dash="dot" if spec.chunk_size else "solid"),
+            row=1,
+            col=1,
+        )
+    fig.add_scatter(
+        x=steps,
+        y=[held[0] for held in rope_lengths],
+        name="RoPE: every layer (global)",
+        line=dict(color="grey", dash="dash"),
+        row=1,
+        col=1,
+    )
+    whole_cache = {
+        "iRoPE, whole cache": (irope_bytes, dict(color="black")),
+        "RoPE (all global), whole cache": (rope_bytes, dict(color="grey", dash="dash")),
+    }
+    for name, (nbytes, line) in whole_cache.items():
+        fig.add_scatter(x=steps, y=[b / 1024 for b in nbytes], name=name, line=line, row=1, col=2)
+    fig.update_xaxes(title_text="tokens in the context")
+    fig.update_yaxes(title_text="keys cached", row=1, col=1)
+    fig.update_yaxes(title_text="KiB", row=1, col=2)
+    return finish(
+        fig, "The KV cache while decoding: iRoPE against every layer global", None, None, height=420
     )
