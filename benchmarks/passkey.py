@@ -211,7 +211,7 @@ def markdown(summary: dict) -> str:
         "",
         f"- written by benchmarks/passkey.py; {info['date']}; torch {info['torch']}, "
         f"Python {info['python']}, CPU {info['cpu']}, one thread per worker, "
-        "two workers on a machine shared with other jobs",
+        "two or three workers side by side on a machine shared with other jobs",
         "- protocol: Mohtashami & Jaggi 2023 on a synthetic vocabulary (l4lab/passkey.py): "
         f"a {KEY_DIGITS}-digit key after a KEY token at a depth of a repeated 8-token filler sentence, "
         "a QUERY token at the end, "
