@@ -18,8 +18,9 @@ chunked layer it extrapolates to Llama 4 Scout's shape (40 query heads, 8 KV hea
 chunked + 12 global layers, bf16 cache) at 256K and 10M tokens. Results:
 ``benchmarks/results/long_prefill.{json,md}``::
 
-    python benchmarks/long_prefill.py                       # 16K, 64K, 128K (RoPE everywhere: 16K, 64K)
-    python benchmarks/long_prefill.py --lengths 4096,16384,65536 --rope-max 16384  # what this round ran
+    OMP_NUM_THREADS=2 python benchmarks/long_prefill.py     # 16K, 64K, 128K, both models (~10 min)
+    python benchmarks/long_prefill.py --lengths 4096,16384 --rope-max 4096  # a quick look
+    python benchmarks/long_prefill.py --lengths 16384,65536 --keep  # re-run these, keep the others
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -102,6 +104,7 @@ def measure(positions: str, length: int) -> dict:
             for spec in plan
         ],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "load_average_1min": os.getloadavg()[0],  # > threads: other jobs shared the cores
     }
 
 
@@ -164,12 +167,14 @@ def markdown(summary: dict) -> str:
         "# Streaming prefill of long prompts: iRoPE vs RoPE everywhere",
         "",
         f"- benchmarks/long_prefill.py; {info['date']}; torch {info['torch']}, Python {info['python']}, "
-        f"CPU {info['cpu']}, {info['threads']} threads; a shared machine (other jobs ran: upper bounds)",
+        f"CPU {info['cpu']}, {info['threads']} threads; "
+        "a machine shared with other jobs (load column: the 1-minute load average at the end of a run; "
+        "above the thread count, times are upper bounds)",
         f"- model: {MODEL}; float32; `Llama4.prefill` in blocks of {BLOCK} tokens; one process per run",
         "",
         "| model | T | wall s | s per chunked layer | s per global layer | KV cache per layer (MB) "
-        "| peak RSS (MB) |",
-        "|---|---:|---:|---:|---:|---|---:|",
+        "| peak RSS (MB) | load (1 min) |",
+        "|---|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in summary["runs"]:
         chunked = [layer for layer in r["layers"][:-1] if layer["kind"] == "chunked"]
@@ -177,7 +182,8 @@ def markdown(summary: dict) -> str:
         lines.append(
             f"| {r['positions']} | {r['length']:,} | {r['seconds']:.1f} | "
             + (f"{per_kind(r, 'chunked'):.2f}" if chunked else "-")
-            + f" | {per_kind(r, 'global'):.2f} | {cache} | {r['peak_rss_mb']:.0f} |"
+            + f" | {per_kind(r, 'global'):.2f} | {cache} | {r['peak_rss_mb']:.0f} "
+            + f"| {r['load_average_1min']:.1f} |"
         )
     lines += ["", "Growth exponent of the time per layer in T (least squares over the lengths measured):"]
     for key, value in summary["exponents"].items():
@@ -213,24 +219,33 @@ def markdown(summary: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="16384,65536,131072")
-    parser.add_argument("--rope-max", type=int, default=65536, help="longest prompt for RoPE everywhere")
+    parser.add_argument("--rope-max", type=int, default=131072, help="longest prompt for RoPE everywhere")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the committed runs of (model, length) pairs not re-run"
+    )
     parser.add_argument("--child", nargs=2, metavar=("POSITIONS", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(measure(args.child[0], int(args.child[1]))))
         return 0
-    runs = []
+    measured = []
     for length in [int(n) for n in args.lengths.split(",")]:
         for positions in ("irope", "rope"):
             if positions == "rope" and length > args.rope_max:
                 continue
             child = [sys.executable, __file__, "--child", positions, str(length)]
             out = subprocess.run(child, check=True, capture_output=True, text=True)
-            runs.append(json.loads(out.stdout))
-            print(
-                f"{positions} {length}: {runs[-1]['seconds']:.1f} s, {runs[-1]['peak_rss_mb']:.0f} MB",
-                flush=True,
-            )
+            run = json.loads(out.stdout)
+            measured.append(run)
+            print(f"{positions} {length}: {run['seconds']:.1f} s, {run['peak_rss_mb']:.0f} MB", flush=True)
+    runs = measured
+    if args.keep and RESULTS.with_suffix(".json").is_file():  # earlier runs this call did not repeat
+        new = {(r["positions"], r["length"]) for r in measured}
+        earlier = json.loads(RESULTS.with_suffix(".json").read_text())["runs"]
+        runs = sorted(
+            [r for r in earlier if (r["positions"], r["length"]) not in new] + measured,
+            key=lambda r: (r["length"], r["positions"] != "irope"),
+        )
     summary = {
         "machine": {
             "date": datetime.date.today().isoformat(),

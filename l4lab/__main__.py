@@ -7,6 +7,7 @@
     python -m l4lab train --preset tiny --task text --steps 300 --teacher runs/big/checkpoint
     python -m l4lab tour --out runs/tour --minutes 1
     python -m l4lab induction --positions irope --test-lengths 64,1024,16384 --seed 0 --out runs/ind
+    python -m l4lab passkey --positions irope --test-lengths 64,4096,65536 --seed 0 --out runs/pk
     python -m l4lab notebooks ~/l4lab
 
 ``train`` builds the data (``mixture``: the five-domain training mixture of ``l4lab.data``; ``text``:
@@ -43,6 +44,11 @@ of 64 and 128 first, ``--no-curriculum`` to start at ``--train-length``) and wri
 length, split at the chunk boundaries, into ``--out``/results.json (refusing to replace one without
 ``--overwrite``); ``benchmarks/induction_sweep.py`` runs the whole table this way.
 
+``passkey`` trains one 2-layer model on pass-key retrieval (``l4lab.passkey``: a 4-digit key hidden at a
+depth of filler, asked for at the end) and writes its exact-match accuracy on a depth x length grid,
+temperature tuning on and off, and the question's attention on the key per layer, into
+``--out``/results.json; ``benchmarks/passkey.py`` runs the whole comparison this way.
+
 The command line never overwrites a run: ``--out`` naming a directory that holds one stops with a
 message offering ``--resume`` (continue it exactly from its checkpoint, which records the run's
 settings) or ``--overwrite``. A checkpoint is saved every ``--checkpoint-every`` steps, and Ctrl-C
@@ -74,6 +80,7 @@ from l4lab.data import DOMAINS, TokenDataset, corpus_dataset, induction_heads, m
 from l4lab.induction import InductionSetup, length_stages, run_induction
 from l4lab.interop import load_pretrained
 from l4lab.model import Llama4, Llama4Output
+from l4lab.passkey import KEY_DIGITS, PasskeySetup, run_passkey
 from l4lab.report import atomic_write_text, format_value, write_report
 from l4lab.routing import RoutingStats, routing_stats
 from l4lab.tokenizer import ByteTokenizer
@@ -713,7 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m l4lab", description="Train a tiny Llama 4 on the CPU and look inside it."
     )
     commands = parser.add_subparsers(
-        dest="command", required=True, metavar="{train,tour,notebooks,induction}"
+        dest="command", required=True, metavar="{train,tour,notebooks,induction,passkey}"
     )
 
     run = commands.add_parser("train", help="train a tiny model; write checkpoint, metrics and report")
@@ -792,7 +799,72 @@ def build_parser() -> argparse.ArgumentParser:
     cell.add_argument("--rows", type=_positive_int, default=256, help="test rows per length (256)")
     cell.add_argument("--quiet", action="store_true", help="no progress bar")
     cell.add_argument("--overwrite", action="store_true", help="replace --out/results.json")
+
+    pk = commands.add_parser(
+        "passkey", help="pass-key retrieval: train a 2-layer model, test it on a depth x length grid"
+    )
+    pk.add_argument("--positions", choices=POSITION_CHOICES, default="irope", help="(irope)")
+    pk.add_argument(
+        "--test-lengths", type=_passkey_lengths, default=[64, 1024, 16384], help="(64,1024,16384)"
+    )
+    pk.add_argument("--depths", type=_depths, default=[0.0, 0.5, 1.0], help="key depths in [0, 1] (0,0.5,1)")
+    pk.add_argument("--seed", type=_induction_seed, default=0, help="seed of weights and data (0)")
+    pk.add_argument(
+        "--steps", type=_positive_int, default=PasskeySetup().steps, help=f"({PasskeySetup().steps})"
+    )
+    pk.add_argument("--rows", type=_positive_int, default=8, help="test rows per grid cell (8)")
+    pk.add_argument("--out", type=Path, required=True, help="directory for results.json")
+    pk.add_argument("--quiet", action="store_true", help="no progress bar")
+    pk.add_argument("--overwrite", action="store_true", help="replace --out/results.json")
     return parser
+
+
+def _passkey_lengths(text: str) -> list[int]:
+    """Comma-separated test lengths, each from 10 (a passkey row) to MAX_INDUCTION_LENGTH."""
+    values = _lengths(text)
+    if values[0] < 2 * (1 + KEY_DIGITS):
+        raise argparse.ArgumentTypeError(
+            f"must be at least {2 * (1 + KEY_DIGITS)} (KEY, {KEY_DIGITS} digits, QUERY, "
+            f"{KEY_DIGITS} digits); got {text!r}"
+        )
+    return values
+
+
+def _depths(text: str) -> list[float]:
+    """Comma-separated key depths, each in [0, 1] (0: the key opens the row, 1: right before the question)."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated numbers in [0, 1], e.g. 0,0.5,1; got {text!r}"
+        )
+    return sorted(set(values))
+
+
+def passkey_cell(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``python -m l4lab passkey``: train, test the grid, write ``--out``/results.json, print it."""
+    target = args.out / "results.json"
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file, not a directory; choose another path")
+    if target.exists() and not args.overwrite:
+        parser.error(f"{target} exists; nothing was changed. Add --overwrite to replace it")
+    setup = PasskeySetup(positions=args.positions, steps=args.steps, seed=args.seed)
+    rows = dict.fromkeys(args.test_lengths, args.rows)
+    result = run_passkey(setup, args.test_lengths, args.depths, rows, [], progress=not args.quiet)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(target, json.dumps(result, indent=1) + "\n")
+    print(f"{args.positions}, trained at {setup.train_length} for {setup.steps} steps, seed {setup.seed}:")
+    for tuned, setting in result["temperature"].items():
+        print(f"  temperature tuning {tuned}:")
+        for cell in setting["grid"]:
+            print(
+                f"    length {cell['length']:>7}, depth {cell['depth']:.2f}: "
+                f"exact {cell['exact']:.0%} on {cell['rows']} rows"
+            )
+    print(f"results: {target}")
+    return 0
 
 
 def induction_cell(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -902,6 +974,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "induction":
         return induction_cell(args, parser)
+    if args.command == "passkey":
+        return passkey_cell(args, parser)
     if args.command == "notebooks":
         try:
             results = classroom.copy_notebooks(args.directory, args.solutions, args.overwrite)

@@ -273,8 +273,8 @@ def committed_results(name: str) -> dict[str, Any]:
     """A benchmark's committed results, ``benchmarks/results/<name>.json`` of this repository.
 
     ``"induction_sweep_256"`` (benchmarks/induction_sweep.py, trained at the paper's 256),
-    ``"induction_sweep"`` (the same, trained at 64: notebook 04's recipe) and ``"long_prefill"``
-    (benchmarks/long_prefill.py); notebooks 04 and 08 plot them.
+    ``"induction_sweep"`` (the same, trained at 64: notebook 04's recipe), ``"long_prefill"``
+    (benchmarks/long_prefill.py) and ``"passkey"`` (benchmarks/passkey.py); notebooks 04 and 08 plot them.
     """
     path = RESULTS / f"{name}.json"
     if not path.is_file():

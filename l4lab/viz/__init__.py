@@ -15,7 +15,9 @@ attention                          :func:`attention_map_figure`, :func:`attentio
                                    :func:`temperature_figure`
 long context                       :func:`accuracy_vs_length_figure`, :func:`needle_heatmap`,
                                    :func:`kv_cache_figure` (numbers: :func:`kv_cache_memory`),
-                                   :func:`cache_trace_figure`
+                                   :func:`cache_trace_figure`, :func:`table11_figure`,
+                                   :func:`prefill_cost_figure`, :func:`passkey_grid_figure`,
+                                   :func:`needle_mass_figure`, :func:`entropy_beside_yang_figure`
 models and training                :func:`parameter_table`, :func:`loss_curves_figure`
 experiments                        :func:`seed_spread_figure` (numbers: :func:`seed_statistics`),
                                    :func:`decode_time_figure`
@@ -81,9 +83,12 @@ from l4lab.viz.kernels import (
 from l4lab.viz.long_context import (
     accuracy_vs_length_figure,
     cache_trace_figure,
+    entropy_beside_yang_figure,
     kv_cache_figure,
     kv_cache_memory,
     needle_heatmap,
+    needle_mass_figure,
+    passkey_grid_figure,
     prefill_cost_figure,
     table11_figure,
 )
@@ -130,6 +135,7 @@ __all__ = [
     "decode_time_figure",
     "decoder_layer_figure",
     "distillation_figure",
+    "entropy_beside_yang_figure",
     "ep_cost_figure",
     "expert_colours",
     "expert_load_figure",
@@ -147,9 +153,11 @@ __all__ = [
     "moe_block_figure",
     "moe_tiles_figure",
     "needle_heatmap",
+    "needle_mass_figure",
     "parameter_parts",
     "parameter_table",
     "parameters_figure",
+    "passkey_grid_figure",
     "patches_figure",
     "plan_figure",
     "prefill_cost_figure",

@@ -1,6 +1,7 @@
 """Long-context figures (notebooks 04, 05 and 08): accuracy against test length, needle in a haystack,
-the KV cache's memory (all layers global against iRoPE), Gu & Dao's Table 11 beside l4lab's rows, and
-the streaming prefill's cost per layer type."""
+the KV cache's memory (all layers global against iRoPE) and while decoding, Gu & Dao's Table 11 beside
+l4lab's rows, the streaming prefill's cost per layer type, and passkey retrieval (grid, attention on the
+key, attention entropy beside Yang et al. 2025)."""
 
 from __future__ import annotations
 
@@ -259,6 +260,150 @@ def prefill_cost_figure(summary: Mapping[str, Any]) -> go.Figure:
         "Streaming prefill: seconds per layer against prompt length",
         "prompt length (tokens, log scale)",
         "seconds per layer (log scale)",
+    )
+
+
+def passkey_grid_figure(summary: Mapping[str, Any]) -> go.Figure:
+    """Passkey retrieval: exact match (%) by context length and key depth, one heat map per model.
+
+    ``summary`` is ``benchmarks/results/passkey.json``. Lengths a model was not tested at (the global
+    models stop where a row costs minutes) are left blank.
+    """
+    rows = list(summary["rows"].values())
+    if not rows:
+        raise ValueError("the summary has no rows: run benchmarks/passkey.py, then --summarise")
+    lengths, depths = summary["lengths"], summary["depths"]
+    fig = make_subplots(
+        rows=len(rows),
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.04,
+        subplot_titles=[f"{row['label']} ({len(row['seeds'])} seeds)" for row in rows],
+    )
+    for i, row in enumerate(rows, start=1):
+        z = np.full((len(depths), len(lengths)), np.nan)
+        for cell in row["cells"]:
+            z[depths.index(cell["depth"]), lengths.index(cell["length"])] = cell["exact_mean"]
+        fig.add_trace(
+            go.Heatmap(
+                z=z,
+                x=[length_label(n) for n in lengths],
+                y=[f"{d:.0%}" for d in depths],
+                colorscale="RdYlGn",
+                zmin=0.0,
+                zmax=100.0,
+                texttemplate="%{z:.0f}",
+                showscale=i == 1,
+                colorbar=dict(title=dict(text="exact %")),
+                hovertemplate=f"{row['label']}, length %{{x}}, depth %{{y}}: %{{z:.0f}}%<extra></extra>",
+            ),
+            row=i,
+            col=1,
+        )
+        fig.update_yaxes(type="category", autorange="reversed", title_text="depth", row=i, col=1)
+    fig.update_xaxes(type="category")
+    return finish(
+        fig,
+        "Passkey retrieval: exact match by context length and key depth (trained at 64 tokens)",
+        "context length (tokens)",
+        None,
+        height=170 * len(rows) + 120,
+    )
+
+
+def needle_mass_figure(summary: Mapping[str, Any]) -> go.Figure:
+    """The question's attention mass on the passkey against context length, per model and layer.
+
+    ``summary`` is ``benchmarks/results/passkey.json`` (its ``mechanism`` entries). A chunked layer sees
+    only its chunk, so its mass on a key far back is 0; the global NoPE layer is where retrieval happens.
+    """
+    fig = go.Figure()
+    colour = 0
+    for row in summary["rows"].values():
+        layers = sorted({m["layer"] for m in row["mechanism"]})
+        for layer in layers:
+            points = [m for m in row["mechanism"] if m["layer"] == layer]
+            fig.add_trace(
+                go.Scatter(
+                    x=[m["length"] for m in points],
+                    y=[m["mass"] for m in points],
+                    mode="lines+markers",
+                    name=f"{row['label']}: layer {layer}, {points[0]['kind']}",
+                    line=dict(color=COLOURS[colour % len(COLOURS)]),
+                    hovertemplate="%{x:,} tokens: %{y:.3f}<extra></extra>",
+                )
+            )
+            colour += 1
+    fig.update_xaxes(type="log")
+    fig.update_yaxes(range=[-0.02, 1.02])
+    return finish(
+        fig,
+        "Attention of the question on the passkey, per layer",
+        "context length (tokens, log scale)",
+        "attention mass on the key (mean over heads and rows)",
+    )
+
+
+def entropy_beside_yang_figure(summary: Mapping[str, Any]) -> go.Figure:
+    """Attention entropy of the question against ln T, ours beside Yang et al. 2025's published values.
+
+    Ours: each global layer of ``benchmarks/results/passkey.json``, trained (temperature tuning on and
+    off) and untrained; theirs (RNoPE, arXiv:2501.18795): RoPE and QK-norm layers of language models at
+    8K / 32K / 128K. ``ln T`` is the entropy of uniform attention over T keys. What compares is the slope
+    against ln T; the levels differ because the tasks do (one needle in filler against language).
+    """
+    fig = go.Figure()
+    colour = 0
+    for row in summary["rows"].values():
+        for layer in sorted({m["layer"] for m in row["mechanism"]}):
+            points = [m for m in row["mechanism"] if m["layer"] == layer]
+            if points[0]["kind"] == "chunked RoPE":
+                continue
+            for key, dash, suffix in (("entropy", "solid", ""), ("untrained_entropy", "dot", ", untrained")):
+                if suffix and not row["temperature"]:
+                    continue  # the untrained control once per model: its temperature-on line
+                fig.add_trace(
+                    go.Scatter(
+                        x=[np.log(m["length"]) for m in points],
+                        y=[m[key] for m in points],
+                        mode="lines+markers",
+                        name=f"{row['label']}: layer {layer}, {points[0]['kind']}{suffix}",
+                        line=dict(color=COLOURS[colour % len(COLOURS)], dash=dash),
+                        hovertemplate="ln T %{x:.2f}: %{y:.2f} nats<extra></extra>",
+                    )
+                )
+            colour += 1
+    yang = summary["yang_2025"]
+    for key, name, symbol in (
+        ("rope_layers", "RoPE layers", "x"),
+        ("qk_norm_layers", "QK-norm layers", "cross"),
+    ):
+        fig.add_trace(
+            go.Scatter(
+                x=[np.log(n) for n in yang["lengths"]],
+                y=yang[key],
+                mode="lines+markers",
+                name=f"Yang et al. 2025, {name} (language)",
+                line=dict(color="grey", dash="dash" if symbol == "x" else "dashdot", width=1.5),
+                marker=dict(symbol=symbol, size=8),
+                hovertemplate=f"Yang et al., {name}, ln T %{{x:.2f}}: %{{y:.2f}} nats<extra></extra>",
+            )
+        )
+    span = [np.log(min(m["length"] for r in summary["rows"].values() for m in r["mechanism"])), np.log(2**17)]
+    fig.add_trace(
+        go.Scatter(
+            x=span,
+            y=span,
+            mode="lines",
+            name="ln T (uniform attention)",
+            line=dict(color="black", dash="dot"),
+        )
+    )
+    return finish(
+        fig,
+        "Attention entropy of the question against ln T: l4lab (passkey) beside Yang et al. 2025",
+        "ln T (T: context length in tokens)",
+        "entropy (nats)",
     )
 
 
