@@ -70,6 +70,7 @@ def test_training_rows_cover_every_depth_and_differ_from_the_test_rows() -> None
         (lambda: passkey_rows(0, 64, 0.5), "num_rows = 0 is not allowed"),
         (lambda: PasskeySetup(positions="alibi"), "positions = 'alibi' is not allowed"),
         (lambda: PasskeySetup(hidden_size=30, num_heads=4), "not a multiple of num_heads"),
+        (lambda: PasskeySetup(min_lr_ratio=1.5), r"min_lr_ratio = 1.5 is not allowed"),
     ],
 )
 def test_bad_input_names_the_problem(call, message: str) -> None:
