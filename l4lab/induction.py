@@ -51,6 +51,18 @@ PUBLISHED_TABLE_11 = {
 VOCAB = 16  # the paper's vocabulary; the trigger is the last id, so chance is 1/15 on the answer
 
 
+# the fields of a tiny-model recipe (InductionSetup, l4lab.passkey.PasskeySetup) that must be positive
+SIZE_FIELDS = ("train_length", "chunk", "floor_scale", "hidden_size", "num_heads", "steps", "batch_size")
+
+
+def require_positive_integers(setup: object, names: tuple[str, ...]) -> None:
+    """Raise ValueError naming the first of ``setup``'s fields ``names`` that is not a positive int."""
+    for name in names:
+        value = getattr(setup, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} = {value!r} is not allowed: a positive integer")
+
+
 @dataclass(frozen=True)
 class InductionSetup:
     """One trained model of the table: its position scheme and every choice the paper leaves open."""
@@ -79,18 +91,7 @@ class InductionSetup:
     def __post_init__(self) -> None:
         if self.positions not in POSITION_CHOICES:
             raise ValueError(f"positions = {self.positions!r} is not allowed: one of {POSITION_CHOICES}")
-        for name in (
-            "train_length",
-            "chunk",
-            "floor_scale",
-            "hidden_size",
-            "num_heads",
-            "steps",
-            "batch_size",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} = {value!r} is not allowed: a positive integer")
+        require_positive_integers(self, SIZE_FIELDS)
         if self.train_length < 4:
             raise ValueError(
                 f"train_length = {self.train_length} is too short: an induction row needs 4 tokens"

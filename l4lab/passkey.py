@@ -36,6 +36,7 @@ from torch import Tensor
 
 from l4lab.config import POSITION_CHOICES, Config, preset
 from l4lab.data import TokenDataset
+from l4lab.induction import SIZE_FIELDS, require_positive_integers
 from l4lab.model import Llama4
 from l4lab.train import TrainConfig, Trainer
 
@@ -152,18 +153,7 @@ class PasskeySetup:
     def __post_init__(self) -> None:
         if self.positions not in POSITION_CHOICES:
             raise ValueError(f"positions = {self.positions!r} is not allowed: one of {POSITION_CHOICES}")
-        for name in (
-            "train_length",
-            "chunk",
-            "floor_scale",
-            "hidden_size",
-            "num_heads",
-            "steps",
-            "batch_size",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} = {value!r} is not allowed: a positive integer")
+        require_positive_integers(self, SIZE_FIELDS)
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio = {self.min_lr_ratio!r} is not allowed: a share of lr in [0, 1]")
         if self.hidden_size % self.num_heads:
