@@ -515,6 +515,12 @@ def test_tour_runs_live_in_jupyterlab(installed: Installed, lab: Lab, watched: W
     assert watched.problems == [], f"{TOUR}: " + "\n".join(watched.problems)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known defect: 03 reads benchmarks/results/moe_seeds.json beside the package, which the wheel "
+    "does not ship, so its two seed-spread figures are missing in a wheel install (as are the committed "
+    "results 04, 07, 08, 09 and lab 5 read); strict, so the test fails again once they ship",
+)
 def test_routing_explorer_of_03_runs_live_in_jupyterlab(
     installed: Installed, lab: Lab, watched: Watched
 ) -> None:
