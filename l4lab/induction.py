@@ -25,12 +25,10 @@ all.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -267,32 +265,12 @@ def run_induction(
     }
 
 
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-
-
-def committed_results(name: str) -> dict[str, Any]:
-    """A benchmark's committed results, ``benchmarks/results/<name>.json`` of this repository.
-
-    ``"induction_sweep_256"`` (benchmarks/induction_sweep.py, trained at the paper's 256),
-    ``"induction_sweep"`` (the same, trained at 64: notebook 04's recipe), ``"long_prefill"``
-    (benchmarks/long_prefill.py) and ``"passkey"`` (benchmarks/passkey.py); notebooks 04 and 08 plot them.
-    """
-    path = RESULTS / f"{name}.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing: it comes with a clone of the l4lab repository (python "
-            f"benchmarks/{name}.py writes it), not with the installed package"
-        )
-    return json.loads(path.read_text())
-
-
 __all__ = [
     "PUBLISHED_LENGTHS",
     "PUBLISHED_TABLE_11",
     "VOCAB",
     "InductionSetup",
     "blind_spot_share",
-    "committed_results",
     "evaluate",
     "first_trigger",
     "held_out_rows",

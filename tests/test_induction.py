@@ -18,7 +18,6 @@ from l4lab.induction import (
     PUBLISHED_TABLE_11,
     VOCAB,
     InductionSetup,
-    committed_results,
     first_trigger,
     held_out_rows,
     induction_hits,
@@ -180,11 +179,6 @@ def test_command_line_errors_name_the_option(
         cli.main(["induction", "--out", str(tmp_path), "--quiet", *extra])
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "results.json").exists()
-
-
-def test_committed_results_name_what_is_missing() -> None:
-    with pytest.raises(FileNotFoundError, match=r"benchmarks/no_such_script\.py writes it"):
-        committed_results("no_such_script")
 
 
 SUMMARY = {
