@@ -23,8 +23,8 @@ ln T (9.0 / 10.4 / 11.8). Results: ``benchmarks/results/induction_mechanism.{jso
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import datetime
 import json
 import math
 import sys
@@ -39,6 +39,7 @@ from l4lab.model import Llama4
 from l4lab.ops import Temperature
 
 from machine import machine
+from recording import write_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "induction_mechanism"
@@ -157,6 +158,9 @@ def markdown(summary: dict) -> str:
 
 
 def main() -> int:
+    # no options: --help says what the script measures instead of starting the measurement
+    text = argparse.RawDescriptionHelpFormatter
+    argparse.ArgumentParser(description=__doc__, formatter_class=text).parse_args()
     setup = InductionSetup(positions="irope", train_length=64, seed=0)  # the committed checkpoint's
     checkpoint = RESULTS / "irope-seed0"
     if (checkpoint / "model.safetensors").exists():
@@ -165,14 +169,12 @@ def main() -> int:
         model, _ = train_induction(setup, max_length=max(LENGTHS))
         model.save_pretrained(checkpoint)
     summary = {
-        "machine": {"date": datetime.date.today().isoformat(), **machine()},
+        "machine": machine(),
         "setup": dataclasses.asdict(setup),
         "yang_2025": YANG_2025,
         "results": measure(model, setup),
     }
-    RESULTS.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
-    RESULTS.with_suffix(".md").write_text(markdown(summary))
-    print(markdown(summary))
+    write_summary(RESULTS, summary, markdown(summary))
     return 0
 
 

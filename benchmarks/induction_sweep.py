@@ -19,14 +19,10 @@ spread per row and length beside the published rows, with versions, machine and 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
-
-import torch
 
 from l4lab.induction import (
     PUBLISHED_LENGTHS,
@@ -36,7 +32,8 @@ from l4lab.induction import (
     run_induction,
 )
 
-from machine import machine as cpu_machine
+from machine import machine
+from recording import unclaimed, write_cell, write_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -82,16 +79,9 @@ def cell_order(seeds: list[int]) -> list[tuple[int, str]]:
 def run_cells(seeds: list[int], steps: int, train_length: int) -> None:
     """Run every cell not yet written or claimed; several workers share the list through claim files."""
     cells = result_paths(train_length)[0]
-    cells.mkdir(parents=True, exist_ok=True)
-    for seed, name in cell_order(seeds):
-        path = cells / f"{name}-seed{seed}.json"
-        claim = path.with_suffix(".claimed")
-        if path.exists():
-            continue
-        try:
-            claim.touch(exist_ok=False)  # atomic: one worker per cell
-        except FileExistsError:
-            continue
+    order = {cells / f"{name}-seed{seed}.json": (seed, name) for seed, name in cell_order(seeds)}
+    for path in unclaimed(order):
+        seed, name = order[path]
         positions, tuned = ROWS[name]
         setup = InductionSetup(
             positions=positions, temperature_tuning=tuned, train_length=train_length, steps=steps, seed=seed
@@ -100,21 +90,9 @@ def run_cells(seeds: list[int], steps: int, train_length: int) -> None:
         print(f"{name} seed {seed}: training", flush=True)
         result = run_induction(setup, lengths, rows=rows_at)
         result["machine"] = machine()
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, path)
-        claim.unlink()
+        write_cell(path, result)
         accuracies = ", ".join(f"{r['accuracy']:.0%}" for r in result["results"])
         print(f"{name} seed {seed} ({result['train_seconds']:.0f} s training): {accuracies}", flush=True)
-
-
-def machine() -> dict[str, str]:
-    """The date, CPU, cores, kernels and versions (benchmarks/machine.py), and the thread count."""
-    return {
-        "date": datetime.date.today().isoformat(),
-        **cpu_machine(),
-        "threads": str(torch.get_num_threads()),
-    }
 
 
 def summarise(train_length: int) -> None:
@@ -159,9 +137,7 @@ def summarise(train_length: int) -> None:
     info = machine()
     summary = {"machine": info, "published": PUBLISHED_TABLE_11, "published_lengths": PUBLISHED_LENGTHS}
     summary["rows"] = rows
-    target.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
-    target.with_suffix(".md").write_text(markdown(summary, train_length))
-    print(target.with_suffix(".md").read_text())
+    write_summary(target, summary, markdown(summary, train_length))
 
 
 MULTIPLES = [0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]

@@ -26,7 +26,6 @@ chunked + 12 global layers, bf16 cache) at 256K and 10M tokens. Results:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -41,6 +40,7 @@ import torch
 import l4lab
 
 from machine import machine
+from recording import write_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "long_prefill"
@@ -247,11 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             key=lambda r: (r["length"], r["positions"] != "irope"),
         )
     summary = {
-        "machine": {
-            "date": datetime.date.today().isoformat(),
-            **machine(),
-            "threads": torch.get_num_threads(),
-        },
+        "machine": machine(),
         "runs": runs,
         "exponents": {
             f"{positions}, {kind} layers": exponent(runs, positions, kind)
@@ -259,10 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "scout": scout_extrapolation(runs),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
-    RESULTS.with_suffix(".md").write_text(markdown(summary))
-    print(markdown(summary))
+    write_summary(RESULTS, summary, markdown(summary))
     return 0
 
 

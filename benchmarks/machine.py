@@ -1,10 +1,12 @@
-"""The machine a benchmark ran on, for the header of its results: CPU model, cores, kernels, versions.
+"""The machine a benchmark ran on, for the header of its results: date, CPU model, cores, kernels,
+threads, load and versions.
 
 Imported by the scripts beside it (``python benchmarks/x.py`` puts this folder on ``sys.path``).
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
 from pathlib import Path
@@ -22,13 +24,17 @@ def cpu_model() -> str:
 
 
 def machine() -> dict[str, str]:
-    """CPU, cores, the best ATen kernels this CPU runs, and the torch and Python versions."""
+    """Today's date, CPU, cores, the best ATen kernels this CPU runs, torch's threads, the load average
+    (above the threads: other jobs shared the cores, and times are upper bounds), torch and Python."""
     import torch  # here, so that cpu_model() serves scripts that do not import torch
 
     return {
+        "date": datetime.date.today().isoformat(),
         "cpu": cpu_model(),
         "cores": str(os.cpu_count()),
         "best ATen kernels": torch.backends.cpu.get_cpu_capability(),
+        "threads": str(torch.get_num_threads()),
+        "load_average_1min": f"{os.getloadavg()[0]:.1f}",
         "torch": torch.__version__,
         "python": platform.python_version(),
     }

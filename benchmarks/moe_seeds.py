@@ -17,7 +17,6 @@ date).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import time
 from pathlib import Path
@@ -101,9 +100,7 @@ def main() -> None:
         results["dense_vs_moe"][str(seed)] = curves
         results["balancing"][str(seed)] = balance
         results["meta"] = {
-            "date": datetime.date.today().isoformat(),
             **machine(),
-            "threads": str(torch.get_num_threads()),
             "seconds per seed": str(round((time.monotonic() - started) / (args.seeds.index(seed) + 1))),
             "balance_steps": str(args.balance_steps),
         }

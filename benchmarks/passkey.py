@@ -19,19 +19,16 @@ its next cell with a ``.claimed`` file; delete those left by a killed worker). `
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from l4lab.passkey import KEY_COUNT, KEY_DIGITS, YANG_2025, PasskeySetup, run_passkey
 
-from machine import machine as cpu_machine
+from machine import machine
+from recording import unclaimed, write_cell, write_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = ROOT / "benchmarks" / "results" / "passkey"
@@ -52,43 +49,22 @@ def lengths_for(name: str) -> tuple[list[int], list[int]]:
     return grid, mechanism
 
 
-def machine() -> dict[str, str]:
-    """The date, CPU, cores, kernels and versions (benchmarks/machine.py), and the thread count."""
-    return {
-        "date": datetime.date.today().isoformat(),
-        **cpu_machine(),
-        "threads": str(torch.get_num_threads()),
-        "load_average_1min": f"{os.getloadavg()[0]:.1f}",
-    }
-
-
 def run_cells(seeds: list[int]) -> None:
     """Run every cell not yet written or claimed; several workers share the list through claim files."""
-    CELLS.mkdir(parents=True, exist_ok=True)
-    for seed in seeds:
-        for name in ROWS:
-            path = CELLS / f"{name}-seed{seed}.json"
-            claim = path.with_suffix(".claimed")
-            if path.exists():
-                continue
-            try:
-                claim.touch(exist_ok=False)  # atomic: one worker per cell
-            except FileExistsError:
-                continue
-            grid, mechanism = lengths_for(name)
-            print(f"{name} seed {seed}: training", flush=True)
-            result = run_passkey(PasskeySetup(positions=name, seed=seed), grid, DEPTHS, ROWS_AT, mechanism)
-            result["machine"] = machine()
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(result, indent=1) + "\n")
-            os.replace(tmp, path)
-            claim.unlink()
-            on = result["temperature"]["on"]["grid"]
-            print(
-                f"{name} seed {seed} ({result['train_seconds']:.0f} s training): exact "
-                + ", ".join(f"{c['length']}@{c['depth']}: {c['exact']:.0%}" for c in on),
-                flush=True,
-            )
+    order = {CELLS / f"{name}-seed{seed}.json": (seed, name) for seed in seeds for name in ROWS}
+    for path in unclaimed(order):
+        seed, name = order[path]
+        grid, mechanism = lengths_for(name)
+        print(f"{name} seed {seed}: training", flush=True)
+        result = run_passkey(PasskeySetup(positions=name, seed=seed), grid, DEPTHS, ROWS_AT, mechanism)
+        result["machine"] = machine()
+        write_cell(path, result)
+        on = result["temperature"]["on"]["grid"]
+        print(
+            f"{name} seed {seed} ({result['train_seconds']:.0f} s training): exact "
+            + ", ".join(f"{c['length']}@{c['depth']}: {c['exact']:.0%}" for c in on),
+            flush=True,
+        )
 
 
 LABELS = {
@@ -198,9 +174,7 @@ def summarise() -> dict:
         "yang_2025": YANG_2025,
         "rows": rows,
     }
-    SUMMARY.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
-    SUMMARY.with_suffix(".md").write_text(markdown(summary))
-    print(SUMMARY.with_suffix(".md").read_text())
+    write_summary(SUMMARY, summary, markdown(summary))
     return summary
 
 
