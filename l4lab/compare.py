@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from l4lab.config import Config
 
@@ -123,6 +122,9 @@ def parameters_by_part(model: nn.Module) -> dict[str, int]:
 
 
 def _matmul_flops(layer: nn.Module, tokens: Tensor) -> int:
+    # imported here: torch.utils.flop_counter imports triton, which must come after l4lab.kernels on a CPU
+    from torch.utils.flop_counter import FlopCounterMode
+
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         layer(tokens)
     return counter.get_total_flops()

@@ -6,6 +6,11 @@ far above float32 rounding to the output, or returns a wrong gradient, must not.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -65,3 +70,36 @@ def test_errors_are_relative_to_the_largest_exact_value() -> None:
     assert within_eager_error(None, None, None, FLOOR)
     assert not within_eager_error(None, eager, exact, FLOOR)
     assert not within_eager_error(torch.tensor([float("nan"), 0.0]), eager, exact, floor=10.0)
+
+
+# every module of the API reference but the kernels, imported first, as the book's autodoc does
+EVERY_MODULE_THEN_THE_KERNELS = """
+import importlib, sys, torch
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+print("triton" in sys.modules)
+from l4lab import ops
+from l4lab.kernels import FUSED, INTERPRETED
+from l4lab.kernels.agreement import fused_agrees
+generator = torch.Generator().manual_seed(0)
+x, weight = torch.randn(6, 32, generator=generator), torch.randn(32, generator=generator)
+print(INTERPRETED, fused_agrees(
+    lambda a, w: FUSED.rms_norm(a, w, 1e-5), lambda a, w: ops.EAGER.rms_norm(a, w, 1e-5), [x, weight], 1e-6
+))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels compile; no interpreter")
+def test_importing_l4lab_leaves_the_kernels_importable() -> None:
+    """On a CPU the kernels need Triton's interpreter, which must be on before triton is imported:
+    l4lab.kernels turns it on, so no other l4lab module may import triton (torch.utils.flop_counter does).
+    The book's API pages import every module, in the order of its table of contents, without
+    TRITON_INTERPRET set."""
+    book_api = Path(__file__).resolve().parents[1] / "book" / "api"
+    modules = [page.stem for page in sorted(book_api.glob("l4lab.*.md")) if page.stem != "l4lab.kernels"]
+    assert "l4lab.compare" in modules and "l4lab.labs" in modules  # the two that imported flop_counter
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-c", EVERY_MODULE_THEN_THE_KERNELS, *modules]
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True", "True"]  # triton not imported; interpreted; agrees

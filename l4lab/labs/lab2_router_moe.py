@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
 
 from l4lab import ops
 from l4lab.config import preset
@@ -351,6 +350,9 @@ def _measure_dispatch(fn: Callable[..., Any], num_experts: int) -> tuple[Any, in
     gate_up = torch.randn(num_experts, d, 2 * width, generator=g) / math.sqrt(d)
     down = torch.randn(num_experts, width, d, generator=g) / math.sqrt(width)
     args = (x, experts, scores, gate_up, down)
+    # imported here: torch.utils.flop_counter imports triton, which must come after l4lab.kernels on a CPU
+    from torch.utils.flop_counter import FlopCounterMode
+
     with FlopCounterMode(display=False) as counter:
         out = fn(*clone(args))
     flops = counter.get_total_flops()
