@@ -13,6 +13,7 @@ sorted by expert) and in transformers' ``Llama4TextMoe`` (every token through ev
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -121,13 +122,14 @@ def parameters_by_part(model: nn.Module) -> dict[str, int]:
     return {part: counts[part] for part in PARTS if part in counts}
 
 
-def _matmul_flops(layer: nn.Module, tokens: Tensor) -> int:
+def matmul_flops(fn: Callable[..., Any], *args: Any) -> tuple[Any, int]:
+    """``fn(*args)`` and the FLOPs of its matrix products, counted by torch's ``FlopCounterMode``."""
     # imported here: torch.utils.flop_counter imports triton, which must come after l4lab.kernels on a CPU
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        layer(tokens)
-    return counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        out = fn(*args)
+    return out, counter.get_total_flops()
 
 
 def moe_dispatch_flops(config: Config, tokens: Tensor, init_std: float = 0.1) -> dict[str, float | bool]:
@@ -154,8 +156,10 @@ def moe_dispatch_flops(config: Config, tokens: Tensor, init_std: float = 0.1) ->
     theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if k != "router.selection_bias"})
     with torch.no_grad():
         same = torch.allclose(ours(tokens)[0], theirs(tokens)[0], atol=1e-5)
+        _, ours_flops = matmul_flops(ours, tokens)
+        _, theirs_flops = matmul_flops(theirs, tokens)
     return {
-        "l4lab": float(_matmul_flops(ours, tokens)),
-        "transformers": float(_matmul_flops(theirs, tokens)),
+        "l4lab": float(ours_flops),
+        "transformers": float(theirs_flops),
         "same_output": bool(same),
     }

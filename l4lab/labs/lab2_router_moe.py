@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from l4lab import ops
+from l4lab.compare import matmul_flops
 from l4lab.config import preset
 from l4lab.labs.core import (
     Case,
@@ -350,12 +351,7 @@ def _measure_dispatch(fn: Callable[..., Any], num_experts: int) -> tuple[Any, in
     gate_up = torch.randn(num_experts, d, 2 * width, generator=g) / math.sqrt(d)
     down = torch.randn(num_experts, width, d, generator=g) / math.sqrt(width)
     args = (x, experts, scores, gate_up, down)
-    # imported here: torch.utils.flop_counter imports triton, which must come after l4lab.kernels on a CPU
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        out = fn(*clone(args))
-    flops = counter.get_total_flops()
+    out, flops = matmul_flops(fn, *clone(args))
     elements = 0
     if flops == 0:  # nothing went through a matmul: count the elements written instead
         with _ElementCounter() as element_counter:
