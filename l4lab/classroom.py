@@ -37,6 +37,7 @@ __all__ = [
     "copy_notebooks",
     "describe",
     "notebook_files",
+    "shipped_folder",
     "shipped_notebooks",
 ]
 
@@ -51,17 +52,25 @@ class Copied:
     backup: str | None = None
 
 
+def shipped_folder(in_wheel: str, in_clone: str, marker: str = "") -> Path:
+    """A folder l4lab ships as package data: ``l4lab/<in_wheel>`` in an installed wheel, or ``<in_clone>``
+    beside ``l4lab/`` when l4lab runs from a clone; the first that holds the folder ``marker`` (by default,
+    the first that exists)."""
+    package = Path(l4lab.__file__).resolve().parent
+    candidates = (package / in_wheel, package.parent / in_clone)
+    for candidate in candidates:
+        if (candidate / marker).is_dir():
+            return candidate
+    raise FileNotFoundError(
+        f"no {in_wheel} ship with this l4lab ({package}): neither {candidates[0] / marker} nor "
+        f"{candidates[1] / marker} exists. Reinstall l4lab from its wheel, or run from a clone"
+    )
+
+
 def shipped_notebooks() -> Path:
     """The folder of notebooks l4lab ships: ``l4lab/notebooks`` in an installed wheel, or the clone's
     ``notebooks/`` beside ``l4lab/`` when l4lab runs from a clone."""
-    package = Path(l4lab.__file__).resolve().parent
-    for candidate in (package / "notebooks", package.parent / "notebooks"):
-        if (candidate / "labs").is_dir():
-            return candidate
-    raise FileNotFoundError(
-        f"no notebooks ship with this l4lab ({package}): neither {package / 'notebooks'} nor "
-        f"{package.parent / 'notebooks'} exists. Reinstall l4lab from its wheel, or run from a clone"
-    )
+    return shipped_folder("notebooks", "notebooks", marker="labs")
 
 
 def notebook_files(solutions: bool = False) -> list[str]:

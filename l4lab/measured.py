@@ -13,20 +13,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-PACKAGE = Path(__file__).resolve().parent
+from l4lab.classroom import shipped_folder
 
 
 def results_folder() -> Path:
     """The committed results: ``l4lab/benchmark_results`` in an installed wheel, or the clone's
     ``benchmarks/results`` beside ``l4lab/`` when l4lab runs from a clone."""
-    candidates = (PACKAGE / "benchmark_results", PACKAGE.parent / "benchmarks" / "results")
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError(
-        f"no committed results ship with this l4lab: neither {candidates[0]} nor {candidates[1]} exists. "
-        "Reinstall l4lab from its wheel, or run from a clone"
-    )
+    return shipped_folder("benchmark_results", "benchmarks/results")
 
 
 def committed_results(name: str) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from l4lab import measured
+import l4lab
 from l4lab.measured import committed_results, results_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def test_the_installed_package_folder_comes_first(tmp_path: Path, monkeypatch: p
     package = tmp_path / "site-packages" / "l4lab"
     (package / "benchmark_results").mkdir(parents=True)
     (package / "benchmark_results" / "herd.json").write_text('{"from": "wheel"}')
-    monkeypatch.setattr(measured, "PACKAGE", package)
+    monkeypatch.setattr(l4lab, "__file__", str(package / "__init__.py"))
     assert committed_results("herd") == {"from": "wheel"}
     (package / "benchmark_results" / "herd.json").unlink()
     (package / "benchmark_results").rmdir()
